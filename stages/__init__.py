@@ -1,0 +1,6 @@
+"""tristage: SFT, reward model and PPO on one shared backbone."""
+import logging
+
+# bitsandbytes' CPU backend suggests installing `kernels`, which downloads kernels from a hub at run time;
+# we never do that, so the suggestion is only noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

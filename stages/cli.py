@@ -1,0 +1,57 @@
+"""``tristage <command>``: the console entry point. Bad input (config or data) is one line on stderr and
+exit code 2, before any training starts."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from stages.common.errors import INPUT_ERROR_EXIT_CODE, InputError
+
+COMMANDS = {
+    "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
+    "export": ("stages.common.export", "merge an adapter into a standalone model"),
+    "demo": ("stages.demo.build", "build the demo's base model and data (no download)"),
+    "config-get": ("stages.cli", "print one key of a resolved config (used by launch/run_stage.sh)"),
+}
+
+
+def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
+    try:
+        result = entry(argv)
+    except InputError as err:
+        print(f"tristage: error: {err}", file=sys.stderr)
+        return INPUT_ERROR_EXIT_CODE
+    return result if isinstance(result, int) else 0
+
+
+def config_get(argv: list[str]) -> int:
+    """``tristage config-get KEY [--config FILE] [overrides]``: the value a stage would use (default included)."""
+    from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments, parse_config
+
+    key, rest = argv[0], argv[1:]
+    for cfg in parse_config(rest, (ModelArguments, DataArguments, BackboneArguments, TrainArguments)):
+        if hasattr(cfg, key):
+            print(getattr(cfg, key))
+            return 0
+    print(f"tristage: error: unknown key {key!r}", file=sys.stderr)
+    return INPUT_ERROR_EXIT_CODE
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: tristage <command> [--config FILE] [key=value ...]\n\ncommands:")
+        for name, (_module, help_text) in COMMANDS.items():
+            print(f"  {name:<11} {help_text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else INPUT_ERROR_EXIT_CODE
+    command, rest = argv[0], argv[1:]
+    if command == "config-get":
+        return run_stage_main(config_get, rest)
+    import importlib
+
+    module = importlib.import_module(COMMANDS[command][0])
+    return run_stage_main(module.main, rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Typed configuration: one YAML file per run plus command-line overrides.
+
+Keys are flat (``learning_rate: 2e-5``, ``lora_rank: 16``) and belong to one of the dataclasses below or to
+``transformers.TrainingArguments``, so every Trainer knob (batch sizes, accumulation, scheduler, bf16,
+gradient checkpointing, ``deepspeed``, ``report_to``, ``save_steps``, ``resume_from_checkpoint``, seed)
+is reachable. Parsing goes through ``HfArgumentParser``: the YAML is turned into ``--key value`` tokens,
+overrides are appended (the last one wins), and argparse does the typing. Unknown keys and bad values are
+``ConfigError``s that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import ConfigError
+
+FINETUNING_TYPES = ("full", "lora", "qlora", "freeze", "ptuning")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "Hub name or local directory of the base (or SFT) model."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    trust_remote_code: bool = False
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2; None = transformers' default."})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template (or a path to a file holding one) to use instead of the tokenizer's own."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] = field(default=None, metadata={"help": "Local .json/.jsonl/.parquet/.csv files or datasets.load_dataset names."})
+    dataset_ratios: list[float] | None = field(default=None, metadata={"help": "Mixing weights, one per dataset; None = concatenate."})
+    dataset_split: str = field(default="train", metadata={"help": "Split read from datasets.load_dataset names."})
+    eval_dataset: list[str] | None = field(default=None, metadata={"help": "Held-out files or names; else val_size is split off."})
+    val_size: float = field(default=0.0, metadata={"help": "Fraction (<1) or count (>=1) of records held out for eval."})
+    format: str = field(default="auto", metadata={"help": "Record format name from the registry, or auto-detect."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per example after templating; longer examples are truncated."})
+    max_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training records (after mixing)."})
+    packing: bool = field(default=False, metadata={"help": "Pack several examples into one max_length row (best-fit decreasing)."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop bad records (and say how many) instead of stopping."})
+
+
+@dataclass
+class BackboneArguments:
+    finetuning_type: str = field(default="lora", metadata={"help": "full | lora | qlora | freeze | ptuning"})
+    # LoRA / QLoRA
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Module names, or all-linear."})
+    # QLoRA: bitsandbytes quantization of the frozen base
+    quantization_bit: int = field(default=4, metadata={"help": "4 (nf4/fp4) or 8 (LLM.int8)."})
+    quantization_type: str = field(default="nf4", metadata={"help": "nf4 | fp4 (4-bit only)."})
+    double_quantization: bool = field(default=True, metadata={"help": "Quantize the 4-bit quantization constants too."})
+    # Freeze: train a few blocks, freeze the rest
+    freeze_trainable_layers: int = field(default=2, metadata={"help": "N>0: the last N blocks train; N<0: the first |N|; 0: none."})
+    freeze_trainable_modules: list[str] = field(
+        default_factory=lambda: ["all"], metadata={"help": "Within the chosen blocks: 'all' or name patterns (mlp, self_attn, *proj)."}
+    )
+    freeze_extra_modules: list[str] | None = field(
+        default=None, metadata={"help": "Name patterns outside the blocks that also train (embed_tokens, lm_head, norm)."}
+    )
+    # P-tuning
+    ptuning_version: int = field(default=2, metadata={"help": "2: P-Tuning v2 deep prefix (PrefixTuning); 1: v1 prompt encoder."})
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = field(default=False, metadata={"help": "v2: re-parameterize the prefix through an MLP."})
+    encoder_hidden_size: int | None = field(default=None, metadata={"help": "Hidden size of the v2 projection or v1 encoder; None = model's."})
+    prompt_encoder_type: str = field(default="MLP", metadata={"help": "v1 encoder: MLP | LSTM."})
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` plus the few knobs tristage's own loop adds."""
+
+    output_dir: str = field(default="runs/out", metadata={"help": "Where the model, checkpoints, logs and resolved config go."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | none (metrics.jsonl is always written)."})
+    save_weight_digest: bool = field(
+        default=False, metadata={"help": "Each rank writes a digest of the full (gathered) weights it holds, to check consolidation."}
+    )
+
+
+def _yaml_to_tokens(values: dict[str, Any]) -> list[str]:
+    tokens: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        tokens.append(f"--{key}")
+        if isinstance(value, bool):
+            tokens.append(str(value).lower())
+        elif isinstance(value, (list, tuple)):
+            tokens.extend(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in value)
+        elif isinstance(value, dict):
+            tokens.append(json.dumps(value))
+        else:
+            tokens.append(str(value))
+    return tokens
+
+
+def _override_tokens(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` and ``--key value`` / ``--key=value`` forms; list values as ``key=[a,b]`` or ``--key a b``."""
+    tokens: list[str] = []
+    for item in overrides:
+        if not item.startswith("-") and "=" in item:
+            key, value = item.split("=", 1)
+            tokens.append(f"--{key}")
+            if value.startswith("[") and value.endswith("]"):
+                tokens.extend(v.strip() for v in value[1:-1].split(",") if v.strip())
+            else:
+                tokens.append(value)
+        else:
+            tokens.append(item)
+    return tokens
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line that names the key
+        raise ConfigError(message)
+
+
+def split_config_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config FILE`` (or ``config=FILE``) out of argv; the rest are overrides."""
+    argv = list(argv)
+    config_file = None
+    for i, item in enumerate(argv):
+        if item == "--config" and i + 1 < len(argv):
+            config_file = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if item.startswith("--config=") or item.startswith("config="):
+            config_file = item.split("=", 1)[1]
+            del argv[i]
+            break
+    return config_file, argv
+
+
+def load_yaml(config_file: str) -> dict[str, Any]:
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError("no such file", file=config_file)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"not valid YAML: {str(err).splitlines()[0]}", file=config_file) from None
+    if not isinstance(values, dict):
+        raise ConfigError("the top level must be a mapping of key: value", file=config_file)
+    return values
+
+
+def parse_config(argv: Sequence[str], dataclass_types: Sequence[type]) -> tuple:
+    """YAML (``--config FILE``) + overrides -> one instance per dataclass type, in order."""
+    config_file, overrides = split_config_argv(argv)
+    values = load_yaml(config_file) if config_file else {}
+    tokens = _yaml_to_tokens(values) + _override_tokens(overrides)
+    parser = _Parser(dataclass_types, allow_abbrev=False)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=tokens, return_remaining_strings=True)
+    except ConfigError as err:
+        raise ConfigError(str(err), file=config_file) from None
+    except (ValueError, TypeError) as err:  # raised by a dataclass __post_init__ (TrainingArguments checks)
+        raise ConfigError(str(err).splitlines()[0], file=config_file) from None
+    unknown = [t[2:].split("=")[0] for t in remaining if t.startswith("--")]
+    if remaining:
+        raise ConfigError(f"unknown key(s): {', '.join(unknown) or ' '.join(remaining)}", file=config_file)
+    return tuple(parsed)
+
+
+def config_to_dict(*configs) -> dict[str, Any]:
+    """The resolved flat config, in the form ``parse_config`` accepts back."""
+    resolved: dict[str, Any] = {}
+    for cfg in configs:
+        values = cfg.to_dict() if isinstance(cfg, TrainingArguments) else dataclasses.asdict(cfg)
+        init_fields = {f.name for f in dataclasses.fields(cfg) if f.init}
+        resolved.update({k: v for k, v in values.items() if k in init_fields})
+    return resolved
+
+
+def save_resolved_config(output_dir: str, *configs, name: str = "tristage_config.yaml") -> Path:
+    os.makedirs(output_dir, exist_ok=True)
+    path = Path(output_dir) / name
+    path.write_text(yaml.safe_dump(config_to_dict(*configs), sort_keys=True, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,457 @@
+"""The one registry of data formats, loading, validation and tokenization for every stage.
+
+A *format* turns one raw record (a dict) into a canonical example, or raises ``RecordError`` naming the
+field that is wrong. Formats are auto-detected per record set (from the first record's keys) unless
+``format:`` names one. Every record is parsed before training starts, so bad data surfaces as one line
+naming the file, the record number (1-based) and the field.
+
+SFT formats (kind ``sft``) produce an ``SFTExample``: a list of ``{"role", "content"}`` messages (system,
+then alternating user/assistant, ending with assistant), or a plain ``text``. Preference formats (kind
+``preference``) come with stage 2 and register here the same way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import DataError, RecordError
+
+LOCAL_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+IGNORE_INDEX = -100
+
+# Used when a tokenizer has no chat template of its own (base models). Documented in the README:
+#   [bos]{system}\n\n### User:\n{user}\n\n### Assistant:\n{assistant}[eos]\n\n### User:\n...
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------------------------- examples
+@dataclass
+class SFTExample:
+    messages: list[dict[str, str]] | None = None  # system?, user, assistant, user, assistant, ...
+    text: str | None = None  # plain text: every token is trained on
+    prompt_field: str = "prompt"  # the record field a too-long prompt is reported against
+    origin: tuple[str, int] = ("?", 0)  # (file, 1-based record number) for error messages
+
+
+# ---------------------------------------------------------------------------------------------- registry
+@dataclass
+class RecordFormat:
+    name: str
+    kind: str  # "sft" or "preference"
+    detect: Callable[[dict], bool]
+    parse: Callable[[dict], Any]
+    description: str = ""
+
+
+FORMATS: dict[str, RecordFormat] = {}
+
+
+def register_format(name: str, kind: str, detect: Callable[[dict], bool], description: str = ""):
+    def wrap(parse):
+        FORMATS[name] = RecordFormat(name, kind, detect, parse, description)
+        return parse
+
+    return wrap
+
+
+def detect_format(record: Any, kind: str) -> RecordFormat | None:
+    if not isinstance(record, dict):
+        return None
+    for fmt in FORMATS.values():  # registration order is priority order
+        if fmt.kind == kind and fmt.detect(record):
+            return fmt
+    return None
+
+
+# ------------------------------------------------------------------------------------ field validation
+def require_str(record: dict, key: str, *, allow_empty: bool = False, label: str | None = None) -> str:
+    label = label or key
+    if key not in record or record[key] is None:
+        raise RecordError(label, "missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise RecordError(label, f"must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordError(label, "is empty")
+    return value
+
+
+def optional_str(record: dict, key: str) -> str | None:
+    value = record.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecordError(key, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def check_conversation(messages: list[dict[str, str]], field_name: str, paths: list[str]) -> list[dict[str, str]]:
+    """system?, then user/assistant alternating, ending with a non-empty assistant turn."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise RecordError(field_name, "has no user/assistant turns")
+    offset = len(messages) - len(body)
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RecordError(paths[i + offset], f"expected a {expected} turn here, got {message['role']!r}")
+        if not message["content"].strip():
+            what = "response" if expected == "assistant" else "prompt"
+            raise RecordError(paths[i + offset], f"empty {what}")
+    if body[-1]["role"] != "assistant":
+        raise RecordError(field_name, "must end with an assistant turn")
+    return messages
+
+
+def parse_turns(turns: Any, field_name: str, role_key: str, content_key: str, role_map: dict[str, str]) -> list[dict]:
+    if not isinstance(turns, list):
+        raise RecordError(field_name, f"must be a list of turns, got {type(turns).__name__}")
+    messages, paths = [], []
+    for i, turn in enumerate(turns):
+        path = f"{field_name}[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(path, f"must be an object with '{role_key}' and '{content_key}'")
+        role = turn.get(role_key)
+        if role not in role_map:
+            raise RecordError(f"{path}.{role_key}", f"unknown role {role!r} (expected one of {sorted(role_map)})")
+        content = require_str(turn, content_key, allow_empty=True, label=f"{path}.{content_key}")
+        messages.append({"role": role_map[role], "content": content})
+        paths.append(f"{path}.{content_key}")
+    if messages and any(m["role"] == "system" for m in messages[1:]):
+        raise RecordError(field_name, "a system turn may only come first")
+    return check_conversation(messages, field_name, paths)
+
+
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
+
+
+# ---------------------------------------------------------------------------------------- SFT formats
+@register_format("messages", "sft", lambda r: "messages" in r, "messages: [{role, content}, ...] (OpenAI / TRL chat)")
+def parse_messages(record: dict) -> SFTExample:
+    return SFTExample(messages=parse_turns(record["messages"], "messages", "role", "content", CHAT_ROLES), prompt_field="messages")
+
+
+@register_format(
+    "sharegpt", "sft", lambda r: "conversations" in r and "chosen" not in r, "conversations: [{from, value}, ...], optional system"
+)
+def parse_sharegpt(record: dict) -> SFTExample:
+    messages = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    system = optional_str(record, "system")
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return SFTExample(messages=messages, prompt_field="conversations")
+
+
+@register_format(
+    "alpaca", "sft", lambda r: "instruction" in r and "output" in r, "instruction, input, output; optional system and history"
+)
+def parse_alpaca(record: dict) -> SFTExample:
+    instruction = require_str(record, "instruction")
+    extra_input = record.get("input")
+    if extra_input is not None and not isinstance(extra_input, str):
+        raise RecordError("input", f"must be a string, got {type(extra_input).__name__}")
+    output = require_str(record, "output")
+    messages = []
+    system = optional_str(record, "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError("history", "must be a list of [instruction, response] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise RecordError(f"history[{i}]", "must be a pair of two non-empty strings [instruction, response]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = f"{instruction}\n{extra_input}" if extra_input and extra_input.strip() else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return SFTExample(messages=messages, prompt_field="instruction")
+
+
+@register_format("prompt_completion", "sft", lambda r: "prompt" in r and "completion" in r, "prompt, completion (strings)")
+def parse_prompt_completion(record: dict) -> SFTExample:
+    prompt = require_str(record, "prompt")
+    completion = require_str(record, "completion")
+    return SFTExample(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+
+
+@register_format("text", "sft", lambda r: "text" in r, "text: plain text, every token trained (continued pre-training)")
+def parse_text(record: dict) -> SFTExample:
+    return SFTExample(text=require_str(record, "text"), prompt_field="text")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def is_local_source(source: str) -> bool:
+    return source.lower().endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")) or os.path.exists(source)
+
+
+def read_local_records(path: str) -> list[Any]:
+    """Records of a local file; errors name the file and the line or record."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(path, "no such file")
+    if file.is_dir():
+        raise DataError(path, "is a directory; give the data file(s) inside it")
+    suffix = file.suffix.lower()
+    if suffix in (".parquet", ".csv"):
+        import datasets
+
+        try:
+            loaded = datasets.Dataset.from_parquet(str(file)) if suffix == ".parquet" else datasets.Dataset.from_csv(str(file))
+        except Exception as err:  # the libraries raise many types; the user needs the file and the reason
+            raise DataError(path, f"cannot read {suffix[1:]}: {str(err).splitlines()[0]}") from None
+        return loaded.to_list()
+    if suffix not in (".json", ".jsonl"):
+        raise DataError(path, f"unknown file type {suffix!r} (expected one of {', '.join(LOCAL_EXTENSIONS)})")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = file.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(path, f"not UTF-8 text (bad byte at line {line})") from None
+    if not text.strip():
+        raise DataError(path, "is empty")
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(path, f"broken JSON on line {number}: {err.msg} (column {err.colno})", record=len(records) + 1) from None
+        return records
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"broken JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
+        loaded = loaded["data"]
+    if not isinstance(loaded, list):
+        raise DataError(path, "a .json data file must hold a list of records (or {\"data\": [...]})")
+    return loaded
+
+
+def read_records(source: str, split: str = "train") -> list[Any]:
+    if is_local_source(source):
+        return read_local_records(source)
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split).to_list()
+    except Exception as err:  # hub / loader errors: name the source
+        raise DataError(source, f"cannot load with datasets.load_dataset (split {split!r}): {str(err).splitlines()[0]}") from None
+
+
+def parse_records(source: str, records: list[Any], kind: str, format_name: str = "auto", skip_invalid: bool = False) -> list[Any]:
+    """Parse and validate every record; raise on the first bad one, or drop bad ones with skip_invalid."""
+    if not records:
+        raise DataError(source, "holds no records")
+    if format_name == "auto":
+        fmt = detect_format(records[0], kind)
+        if fmt is None:
+            keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
+            known = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+            raise DataError(source, f"unknown format: keys {keys} match none of the {kind} formats ({known})", record=1)
+    else:
+        fmt = FORMATS.get(format_name)
+        if fmt is None or fmt.kind != kind:
+            known = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+            raise DataError(source, f"unknown {kind} format {format_name!r} (known: {known})")
+    examples, skipped = [], 0
+    for number, record in enumerate(records, start=1):
+        try:
+            if not isinstance(record, dict):
+                raise RecordError("<record>", f"must be an object, got {type(record).__name__}")
+            example = fmt.parse(record)
+        except RecordError as err:
+            if skip_invalid:
+                skipped += 1
+                continue
+            raise DataError(source, err.message, record=number, field=err.field) from None
+        example.origin = (source, number)
+        examples.append(example)
+    if skipped:
+        print(f"[tristage] {source}: skipped {skipped} invalid record(s) of {len(records)} (skip_invalid)")
+    if not examples:
+        raise DataError(source, f"no valid records left (skipped {skipped})")
+    return examples
+
+
+def mix_sources(per_source: list[list[Any]], ratios: list[float] | None, seed: int) -> list[Any]:
+    """Concatenate, or draw from each source in proportion to its ratio.
+
+    With ratios the mixture has as many examples as all sources together; source i contributes
+    ``round(ratio_i / sum(ratios) * total)`` examples: a shuffled subset when it has more, whole repeats
+    plus a shuffled remainder when it has fewer (upsampling).
+    """
+    if ratios is None:
+        return [example for examples in per_source for example in examples]
+    if len(ratios) != len(per_source):
+        raise DataError("dataset_ratios", f"{len(ratios)} ratio(s) for {len(per_source)} dataset(s)")
+    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise DataError("dataset_ratios", "ratios must be non-negative and not all zero")
+    rng = random.Random(seed)
+    total = sum(len(examples) for examples in per_source)
+    mixed = []
+    for examples, ratio in zip(per_source, ratios):
+        want = round(ratio / sum(ratios) * total)
+        repeats, remainder = divmod(want, len(examples))
+        shuffled = examples[:]
+        rng.shuffle(shuffled)
+        mixed += examples * repeats + shuffled[:remainder]
+    rng.shuffle(mixed)
+    return mixed
+
+
+def split_eval(examples: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    if val_size <= 0:
+        return examples, []
+    count = int(val_size) if val_size >= 1 else max(1, math.floor(len(examples) * val_size))
+    if count >= len(examples):
+        raise DataError("val_size", f"holds out {count} of {len(examples)} records, leaving none to train on")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def load_source_examples(sources: Iterable[str], kind: str, data_args) -> list[list[Any]]:
+    """Parsed examples, one list per source."""
+    return [
+        parse_records(source, read_records(source, data_args.dataset_split), kind, data_args.format, data_args.skip_invalid)
+        for source in sources
+    ]
+
+
+# ------------------------------------------------------------------------------------- tokenization
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn (its end-of-turn included).
+
+    A turn's span runs from the end of the conversation before it (rendered with the generation prompt)
+    to the end of the conversation through it. This needs the template to render prefixes as prefixes,
+    which every common template does; a template that does not is reported, not silently mis-masked.
+    """
+    full = render_chat(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: i + 1])
+        if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
+            raise ValueError("the chat template does not render conversation prefixes as prefixes; cannot mask prompts")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_sft_example(example: SFTExample, tokenizer, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels; labels are IGNORE_INDEX everywhere but on response tokens."""
+    if example.text is not None:
+        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        ids = ids[:max_length]
+        return {"input_ids": ids, "labels": list(ids)}
+    text, spans = assistant_char_spans(tokenizer, example.messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for position, (start, _end) in enumerate(offsets):
+        if any(span_start <= start < span_end for span_start, span_end in spans):
+            labels[position] = ids[position]
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        first_response = next((p for p, (s, _) in enumerate(offsets) if any(a <= s < b for a, b in spans)), len(offsets))
+        raise RecordError(
+            example.prompt_field, f"the prompt takes {first_response} tokens, max_length is {max_length}: no response token is left"
+        )
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_examples(examples: list[SFTExample], tokenizer, max_length: int, skip_invalid: bool) -> list[dict]:
+    rows, skipped = [], 0
+    for example in examples:
+        try:
+            rows.append(tokenize_sft_example(example, tokenizer, max_length))
+        except RecordError as err:
+            if skip_invalid:
+                skipped += 1
+                continue
+            raise DataError(example.origin[0], err.message, record=example.origin[1], field=err.field) from None
+    if skipped:
+        print(f"[tristage] skipped {skipped} record(s) whose prompt leaves no response within max_length (skip_invalid)")
+    return rows
+
+
+def pack_rows(rows: list[dict], max_length: int) -> list[dict]:
+    """Best-fit-decreasing packing (TRL's pack_dataset); each row keeps its examples' lengths."""
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    packed = pack_dataset(datasets.Dataset.from_list(rows), seq_length=max_length, strategy="bfd")
+    return [{"input_ids": r["input_ids"], "labels": r["labels"], "seq_lengths": r["seq_lengths"]} for r in packed.to_list()]
+
+
+@dataclass
+class SFTData:
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+
+
+def build_sft_data(data_args, tokenizer, seed: int) -> SFTData:
+    """Read, validate, mix, split and tokenize; every error here comes before the model is loaded."""
+    if not data_args.dataset:
+        raise DataError("dataset", "no dataset given (dataset: path(s) or name(s))")
+    per_source = load_source_examples(data_args.dataset, "sft", data_args)
+    examples = mix_sources(per_source, data_args.dataset_ratios, seed)
+    if data_args.eval_dataset:
+        eval_examples = [e for examples in load_source_examples(data_args.eval_dataset, "sft", data_args) for e in examples]
+    else:
+        examples, eval_examples = split_eval(examples, data_args.val_size, seed)
+    if data_args.max_samples:
+        examples = examples[: data_args.max_samples]
+    train = tokenize_examples(examples, tokenizer, data_args.max_length, data_args.skip_invalid)
+    evaluation = tokenize_examples(eval_examples, tokenizer, data_args.max_length, data_args.skip_invalid)
+    if data_args.packing:
+        train = pack_rows(train, data_args.max_length)
+    return SFTData(train=train, eval=evaluation)
+
+
+# ------------------------------------------------------------------------------------------ batching
+def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Packed rows get position ids that restart per example and no attention mask,
+    from which transformers builds a block-diagonal causal mask (no attention across examples)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
+    if "seq_lengths" not in rows[0]:
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        lengths = list(row["seq_lengths"]) + [width - len(row["input_ids"])]  # the padding is one more segment
+        position_ids[i] = torch.cat([torch.arange(n) for n in lengths if n > 0])
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -1,0 +1,214 @@
+"""The supervised training loop shared by SFT and the reward model: epochs of seeded shuffles, gradient
+accumulation with the loss normalized over the whole window (and over all ranks), periodic logging, eval
+and checkpoints, exact resume, and the final save.
+
+A stage supplies an ``Objective``: how many items (tokens, pairs) a batch holds, and the summed loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from .distributed import DistInfo, all_reduce_sum, barrier
+from .engine import TrainingEngine
+from .errors import ConfigError
+from .tracking import RunTracker
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class Objective(Protocol):
+    def count(self, batch: dict) -> float: ...
+
+    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed loss over the batch's items, and summed extra metrics (each divided by the count later)."""
+
+
+def _strategy(value) -> str:
+    return str(getattr(value, "value", value))  # TrainingArguments holds IntervalStrategy enums
+
+
+def rank_micro_batches(num_rows: int, epoch: int, seed: int, micro_batch: int, dist: DistInfo) -> list[list[int]]:
+    """This rank's micro-batches for an epoch: a seeded permutation, split evenly over the ranks."""
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = num_rows // dist.world_size
+    mine = order[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+    return [mine[i : i + micro_batch] for i in range(0, per_rank, micro_batch)]
+
+
+def steps_per_epoch(num_rows: int, train_args, dist: DistInfo) -> int:
+    micro_batches = math.ceil((num_rows // dist.world_size) / train_args.per_device_train_batch_size)
+    steps = micro_batches // train_args.gradient_accumulation_steps
+    if steps == 0:
+        raise ConfigError(
+            f"{num_rows} training rows are fewer than one optimizer step needs "
+            f"({train_args.per_device_train_batch_size} per device x {train_args.gradient_accumulation_steps} accumulation x "
+            f"{dist.world_size} processes)", key="per_device_train_batch_size")
+    return steps
+
+
+def total_steps(num_rows: int, train_args, dist: DistInfo) -> int:
+    if train_args.max_steps and train_args.max_steps > 0:
+        return train_args.max_steps
+    return max(1, math.ceil(train_args.num_train_epochs * steps_per_epoch(num_rows, train_args, dist)))
+
+
+def find_checkpoint(train_args) -> Path | None:
+    """``resume_from_checkpoint``: a checkpoint directory, or true/last for the newest in output_dir."""
+    wanted = train_args.resume_from_checkpoint
+    if not wanted or str(wanted).lower() in ("false", "none"):
+        return None
+    if str(wanted).lower() in ("true", "last", "latest"):
+        found = sorted(Path(train_args.output_dir).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+        return found[-1] if found else None
+    path = Path(wanted)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"{wanted} is not a complete checkpoint (no {TRAINER_STATE})", key="resume_from_checkpoint")
+    return path
+
+
+def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None) -> Path:
+    """Written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint
+    that resume would pick up."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    partial = final.with_name(final.name + ".tmp")
+    if engine.dist.is_main and partial.exists():
+        shutil.rmtree(partial)
+    barrier()
+    engine.save_checkpoint(partial, client_state=state)
+    barrier()
+    if engine.dist.is_main:
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        if keep:
+            done = sorted(Path(output_dir).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+            for old in done[:-keep]:
+                shutil.rmtree(old)
+    barrier()
+    return final
+
+
+@torch.no_grad()
+def evaluate(engine: TrainingEngine, rows: list[dict], collate: Callable, objective: Objective, micro_batch: int) -> dict[str, float]:
+    """Mean loss (and extra metrics) over the eval rows, sharded over the ranks. Every rank runs the same
+    number of forwards (ZeRO-3 forwards are collective); padding batches are run and not counted."""
+    dist = engine.dist
+    mine = rows[dist.rank :: dist.world_size]
+    batches = math.ceil(math.ceil(len(rows) / dist.world_size) / micro_batch)
+    engine.train(False)
+    totals: dict[str, float] = {"loss": 0.0, "count": 0.0}
+    for b in range(batches):
+        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
+        batch = collate(chunk or rows[:1])
+        with engine.forward_context():
+            loss, extra = objective.loss_sum(engine.module, batch)
+        if chunk:
+            totals["loss"] += loss.item()
+            totals["count"] += objective.count(batch)
+            for key, value in extra.items():
+                totals[key] = totals.get(key, 0.0) + value
+    engine.train(True)
+    keys = sorted(totals)
+    summed = dict(zip(keys, all_reduce_sum([totals[k] for k in keys])))
+    count = max(summed.pop("count"), 1.0)
+    return {f"eval_{k}": v / count for k, v in summed.items()}
+
+
+def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate: Callable, objective: Objective,
+        train_args, tracker: RunTracker, steps: int, extra_eval: Callable[[dict], dict] | None = None) -> dict:
+    """Train for ``steps`` optimizer steps; returns the last logged metrics (eval included)."""
+    dist = engine.dist
+    micro, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
+    windows = steps_per_epoch(len(rows), train_args, dist)
+    step = 0
+    checkpoint = find_checkpoint(train_args)
+    if checkpoint is not None:
+        step = int(engine.load_checkpoint(checkpoint)["global_step"])
+        tracker.message(f"resumed from {checkpoint} at step {step}")
+    eval_every = train_args.eval_steps or train_args.logging_steps
+    do_eval = bool(eval_rows) and _strategy(train_args.eval_strategy) == "steps"
+    last: dict = {}
+    window_loss, window_count, window_extra, window_tokens, window_time = 0.0, 0.0, {}, 0, time.time()
+    engine.train(True)
+    while step < steps:
+        epoch = step // windows
+        batches = rank_micro_batches(len(rows), epoch, train_args.seed, micro, dist)
+        for w in range(step % windows, windows):
+            window = [collate([rows[i] for i in ids]) for ids in batches[w * accumulation : (w + 1) * accumulation]]
+            # Normalize by the items of the whole window on all ranks: DeepSpeed averages gradients over
+            # ranks, so scaling by world_size / global count gives the exact mean over every item.
+            global_count = all_reduce_sum([sum(objective.count(b) for b in window)])[0]
+            scale = dist.world_size / max(global_count, 1.0)
+            for batch in window:
+                with engine.forward_context():
+                    loss, extra = objective.loss_sum(engine.module, batch)
+                engine.backward(loss * scale)
+                window_loss += loss.item()
+                window_tokens += int(batch["input_ids"].numel())
+                for key, value in extra.items():
+                    window_extra[key] = window_extra.get(key, 0.0) + value
+            window_count += global_count / dist.world_size
+            grad_norm = engine.optimizer_step()
+            step += 1
+            tracker.advance_to(step, f"loss {window_loss / max(window_count, 1):.4f}")
+            if step % train_args.logging_steps == 0 or step == steps:
+                keys = sorted(window_extra)
+                sums = all_reduce_sum([window_loss, window_count, float(window_tokens)] + [window_extra[k] for k in keys])
+                elapsed = time.time() - window_time
+                last = {"loss": sums[0] / max(sums[1], 1.0), "learning_rate": engine.learning_rate(), "epoch": round(step / windows, 4),
+                        "tokens_per_second": sums[2] / max(elapsed, 1e-9)}
+                last.update({k: v / max(sums[1], 1.0) for k, v in zip(keys, sums[3:])})
+                if grad_norm is not None:
+                    last["grad_norm"] = grad_norm
+                if do_eval and (step % eval_every == 0 or step == steps):
+                    last.update(evaluate(engine, eval_rows, collate, objective, train_args.per_device_eval_batch_size))
+                    if extra_eval:
+                        last.update(extra_eval(last))
+                tracker.log(step, last)
+                window_loss, window_count, window_extra, window_tokens, window_time = 0.0, 0.0, {}, 0, time.time()
+            if _strategy(train_args.save_strategy) == "steps" and step % train_args.save_steps == 0 and step < steps:
+                save_checkpoint(engine, train_args.output_dir, step, {"global_step": step, "metrics": last}, train_args.save_total_limit)
+            if step >= steps:
+                break
+    if eval_rows and "eval_loss" not in last:
+        last.update(evaluate(engine, eval_rows, collate, objective, train_args.per_device_eval_batch_size))
+        if extra_eval:
+            last.update(extra_eval(last))
+        tracker.log(step, last)
+    return {"global_step": step, **last}
+
+
+def save_model(engine: TrainingEngine, tokenizer, output_dir: str, final_state: dict) -> None:
+    """What the HF ecosystem loads: save_pretrained of the full model or of the peft adapter, the tokenizer,
+    and trainer_state.json (whose presence marks a finished run). Under ZeRO-3 the shards are gathered."""
+    state_dict = engine.consolidated_state_dict() if engine.zero_stage == 3 else None
+    if engine.dist.is_main:
+        out = Path(output_dir)
+        if state_dict is not None:
+            engine.module.save_pretrained(out, state_dict=state_dict)
+        else:
+            engine.module.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / TRAINER_STATE).write_text(json.dumps(final_state, indent=2))
+    barrier()
+
+
+def write_weight_digest(engine: TrainingEngine, output_dir: str) -> None:
+    """Each rank writes sum and sum of squares of every full (gathered) parameter it holds at the end."""
+    digest = {}
+    with engine.gathered_parameters():
+        for name, param in engine.module.named_parameters():
+            values = param.detach().double()
+            digest[name] = [float(values.sum()), float(values.pow(2).sum())]
+    out = Path(output_dir) / "weight_digest"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{engine.dist.rank}.json").write_text(json.dumps(digest))

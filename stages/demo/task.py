@@ -1,0 +1,162 @@
+"""The demo task: a support assistant for a small fictional product catalog.
+
+A customer asks one fact about one product; a good answer states the right fact, briefly, and closes
+politely. Demonstrations are deliberately of mixed quality, like real human demos: some state another
+product's fact, some forget the polite close, some ramble. The gold judge (``rewards.rules.gold_judge``)
+scores a response; simulated annotators label preference pairs with the gold judge plus label noise, the
+setup of Gao et al., "Scaling laws for reward model overoptimization".
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+PRODUCTS = [
+    # name, price ($), color, warranty (years)
+    ("Zephyr lamp", 25, "amber", 2),
+    ("Orbit kettle", 40, "silver", 1),
+    ("Nimbus pillow", 18, "white", 3),
+    ("Falcon drill", 95, "orange", 5),
+    ("Pebble speaker", 60, "teal", 2),
+    ("Atlas backpack", 75, "black", 4),
+    ("Comet blender", 55, "red", 3),
+    ("Willow chair", 120, "green", 6),
+    ("Ember heater", 85, "grey", 2),
+    ("Lumen desk", 210, "oak", 8),
+    ("Tidal bottle", 12, "blue", 1),
+    ("Quartz watch", 150, "gold", 7),
+    ("Harbor tent", 180, "olive", 5),
+    ("Sprout planter", 22, "brown", 1),
+    ("Vertex monitor", 240, "black", 3),
+    ("Mosaic rug", 130, "purple", 4),
+]
+
+ATTRIBUTES = {
+    # attribute: (question templates, answer template)
+    "price": (["What is the price of the {name}?", "How much does the {name} cost?"], "The {name} costs ${value}."),
+    "color": (["What color is the {name}?", "Which color does the {name} come in?"], "The {name} is {value}."),
+    "warranty": (
+        ["How long is the warranty on the {name}?", "What warranty does the {name} have?"],
+        "The {name} has a {value} year warranty.",
+    ),
+}
+ATTRIBUTE_INDEX = {"price": 1, "color": 2, "warranty": 3}
+POLITE_CLOSES = ["Happy to help!", "Glad to help!"]
+RAMBLE = "Let me know if there is anything else at all that you would like to ask about our many products."
+SYSTEM_PROMPT = "You are the support assistant of a small shop. Answer briefly and politely."
+
+
+@dataclass(frozen=True)
+class Question:
+    product: str
+    attribute: str
+    text: str
+
+    @property
+    def answer(self) -> str:
+        return str(fact(self.product, self.attribute))
+
+
+def fact(product: str, attribute: str):
+    row = next(p for p in PRODUCTS if p[0] == product)
+    return row[ATTRIBUTE_INDEX[attribute]]
+
+
+def all_questions() -> list[Question]:
+    return [
+        Question(name, attribute, template.format(name=name))
+        for name, *_ in PRODUCTS
+        for attribute, (templates, _answer) in ATTRIBUTES.items()
+        for template in templates
+    ]
+
+
+def split_questions(seed: int = 0, eval_fraction: float = 0.25) -> tuple[list[Question], list[Question]]:
+    """Held-out questions are new phrasings of facts the model has seen, so eval tests the policy, not recall."""
+    questions = all_questions()
+    random.Random(seed).shuffle(questions)
+    cut = math.ceil(len(questions) * eval_fraction)
+    return questions[cut:], questions[:cut]
+
+
+def response(question: Question, *, right_fact: bool = True, polite: bool = True, ramble: bool = False, rng=None) -> str:
+    rng = rng or random.Random(0)
+    value = question.answer
+    if not right_fact:
+        others = sorted({str(fact(p[0], question.attribute)) for p in PRODUCTS} - {value})
+        value = rng.choice(others)
+    parts = [ATTRIBUTES[question.attribute][1].format(name=question.product, value=value)]
+    if ramble:
+        parts.append(RAMBLE)
+    if polite:
+        parts.append(rng.choice(POLITE_CLOSES))
+    return " ".join(parts)
+
+
+# Demonstration quality mix: (probability, right_fact, polite, ramble)
+DEMO_MIX = [(0.45, True, True, False), (0.2, True, False, False), (0.2, False, True, False), (0.15, True, True, True)]
+
+
+def sample_response(question: Question, rng: random.Random) -> str:
+    draw, acc = rng.random(), 0.0
+    for probability, right_fact, polite, ramble in DEMO_MIX:
+        acc += probability
+        if draw < acc:
+            return response(question, right_fact=right_fact, polite=polite, ramble=ramble, rng=rng)
+    return response(question, rng=rng)
+
+
+def sft_records(questions: list[Question], per_question: int, seed: int) -> list[dict]:
+    """Alpaca-format demonstrations of mixed quality."""
+    rng = random.Random(seed)
+    return [
+        {"instruction": q.text, "input": "", "output": sample_response(q, rng), "system": SYSTEM_PROMPT}
+        for q in questions
+        for _ in range(per_question)
+    ]
+
+
+def preference_records(questions: list[Question], per_question: int, seed: int, label_noise: float = 0.1) -> list[dict]:
+    """Pairs of two sampled responses, labeled by the gold judge; a simulated annotator flips the label
+    with probability ``label_noise``. Pairs the gold judge scores equal are skipped (no preference)."""
+    from rewards.rules import gold_judge
+
+    rng = random.Random(seed)
+    records = []
+    for q in questions:
+        made = 0
+        for _attempt in range(per_question * 20):
+            if made == per_question:
+                break
+            a, b = sample_response(q, rng), sample_response(q, rng)
+            score_a, score_b = gold_judge(q.text, a), gold_judge(q.text, b)
+            if score_a == score_b:
+                continue
+            chosen, rejected = (a, b) if score_a > score_b else (b, a)
+            if rng.random() < label_noise:
+                chosen, rejected = rejected, chosen
+            records.append({"system": SYSTEM_PROMPT, "prompt": q.text, "chosen": chosen, "rejected": rejected})
+            made += 1
+    return records
+
+
+def prompt_records(questions: list[Question]) -> list[dict]:
+    return [{"system": SYSTEM_PROMPT, "prompt": q.text} for q in questions]
+
+
+def question_for_prompt(prompt: str) -> Question | None:
+    for q in all_questions():
+        if q.text == prompt.strip():
+            return q
+    return None
+
+
+def corpus_lines() -> list[str]:
+    """Text the demo tokenizer is trained on: every question and every kind of answer."""
+    lines = [SYSTEM_PROMPT, RAMBLE, *POLITE_CLOSES, "### User:", "### Assistant:"]
+    for i, q in enumerate(all_questions()):
+        lines.append(q.text)
+        lines.append(response(q, right_fact=True, rng=random.Random(i)))
+        lines.append(response(q, right_fact=False, rng=random.Random(i)))
+    return lines

@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny Llama (4 blocks, d=32) and its byte-level tokenizer, built once per session
+with no download, and a helper that runs a stage through launch/run_stage.sh as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY_SFT = FIXTURES / "sft_tiny.yaml"
+
+
+def _fixture_text() -> list[str]:
+    lines = []
+    for path in FIXTURES.glob("*.json*"):
+        lines.append(path.read_text(encoding="utf-8"))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from stages.demo.build import build_base_model
+    from stages.demo.task import corpus_lines
+
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    return build_base_model(out, layers=4, hidden=32, heads=2, vocab_size=400, max_positions=512,
+                            corpus=corpus_lines() + _fixture_text())
+
+
+def run_stage(stage: str, *overrides: str, config: Path | None = TINY_SFT, env: dict | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [str(ROOT / "launch" / "run_stage.sh"), stage]
+    if config is not None:
+        command += ["--config", str(config)]
+    command += list(overrides)
+    full_env = {**os.environ, "PYTHON": sys.executable, "NUM_GPUS": "0", **(env or {})}
+    result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
