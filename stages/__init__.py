@@ -4,3 +4,8 @@ import logging
 # bitsandbytes' CPU backend suggests installing `kernels`, which downloads kernels from a hub at run time;
 # we never do that, so the suggestion is only noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import warnings
+
+# DeepSpeed calls torch.distributed collectives that torch 2.13 renamed; one warning per call floods the log.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

@@ -24,12 +24,24 @@ class DistInfo:
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_distributed() -> DistInfo:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(uses_deepspeed: bool = False) -> DistInfo:
+    """Join the process group the launcher describes. DeepSpeed needs one even for a single process;
+    without launcher variables it would go looking for MPI, so we describe a one-process group."""
+    if uses_deepspeed and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or uses_deepspeed) and not dist.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed()

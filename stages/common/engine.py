@@ -122,7 +122,14 @@ class TrainingEngine:
     # ---------------------------------------------------------------- forward / backward / step
     @property
     def module(self) -> nn.Module:
+        """The bare model (for saving, generation and inspection)."""
         return self.ds_engine.module if self.ds_engine is not None else self.model
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """What training forwards go through: the DeepSpeed engine keeps per-micro-step ZeRO-3 state in its
+        forward; calling the bare module under gradient accumulation loses all but one micro-batch's grads."""
+        return self.ds_engine if self.ds_engine is not None else self.model
 
     @property
     def zero_stage(self) -> int:

@@ -110,7 +110,7 @@ def evaluate(engine: TrainingEngine, rows: list[dict], collate: Callable, object
         chunk = mine[b * micro_batch : (b + 1) * micro_batch]
         batch = collate(chunk or rows[:1])
         with engine.forward_context():
-            loss, extra = objective.loss_sum(engine.module, batch)
+            loss, extra = objective.loss_sum(engine.forward_model, batch)
         if chunk:
             totals["loss"] += loss.item()
             totals["count"] += objective.count(batch)
@@ -150,7 +150,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             scale = dist.world_size / max(global_count, 1.0)
             for batch in window:
                 with engine.forward_context():
-                    loss, extra = objective.loss_sum(engine.module, batch)
+                    loss, extra = objective.loss_sum(engine.forward_model, batch)
                 engine.backward(loss * scale)
                 window_loss += loss.item()
                 window_tokens += int(batch["input_ids"].numel())

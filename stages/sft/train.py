@@ -28,7 +28,7 @@ SFT_CONFIG = (ModelArguments, DataArguments, BackboneArguments, TrainArguments)
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, backbone_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, SFT_CONFIG)
     check_backbone_args(backbone_args, train_args, stage="sft", packing=data_args.packing)
-    dist = init_distributed()
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed))
     set_seed(train_args.seed)
 
     tokenizer = load_tokenizer(model_args)
