@@ -24,7 +24,7 @@ def train(tmp_path, tiny_model, *overrides, min_drop: float = 0.02) -> Path:
     assert_ok(result)
     losses = [m["loss"] for m in read_metrics(out)]
     assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - min_drop, f"loss did not fall: {losses}"
+    assert losses[-1] < losses[0] - min_drop and losses[-1] == min(losses[-3:]), f"loss did not fall: {losses}"
     return out
 
 
@@ -92,7 +92,7 @@ def test_ptuning_trains_only_the_prompt(tmp_path, tiny_model, variant):
 
     # Input-level virtual tokens (v1) move a random 4-block model's loss only a little; the deep prefix (v2) more.
     out = train(tmp_path, tiny_model, "finetuning_type=ptuning", *variant, "learning_rate=5e-2",
-                min_drop=0.005 if "ptuning_version=1" in variant else 0.02)
+                min_drop=0.008 if "ptuning_version=1" in variant else 0.02)
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all("prompt_encoder" in k or "prompt_embeddings" in k for k in adapter)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)

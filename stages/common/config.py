@@ -91,8 +91,8 @@ class TrainArguments(TrainingArguments):
 def _yaml_to_tokens(values: dict[str, Any]) -> list[str]:
     tokens: list[str] = []
     for key, value in values.items():
-        if value is None:
-            continue
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue  # argparse cannot take an empty list; the dataclass default is used
         tokens.append(f"--{key}")
         if isinstance(value, bool):
             tokens.append(str(value).lower())
@@ -180,6 +180,8 @@ def config_to_dict(*configs) -> dict[str, Any]:
         values = cfg.to_dict() if isinstance(cfg, TrainingArguments) else dataclasses.asdict(cfg)
         init_fields = {f.name for f in dataclasses.fields(cfg) if f.init}
         resolved.update({k: v for k, v in values.items() if k in init_fields})
+    if resolved.get("report_to") == []:
+        resolved["report_to"] = "none"  # what parses back to an empty list
     return resolved
 
 

@@ -109,7 +109,8 @@ def check_conversation(messages: list[dict[str, str]], field_name: str, paths: l
     for i, message in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise RecordError(paths[i + offset], f"expected a {expected} turn here, got {message['role']!r}")
+            article = "an" if expected == "assistant" else "a"
+            raise RecordError(paths[i + offset], f"expected {article} {expected} turn here, got {message['role']!r}")
         if not message["content"].strip():
             what = "response" if expected == "assistant" else "prompt"
             raise RecordError(paths[i + offset], f"empty {what}")
@@ -196,7 +197,10 @@ def parse_text(record: dict) -> SFTExample:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def is_local_source(source: str) -> bool:
+def is_local_file(source: str) -> bool:
+    """A file we read ourselves (for exact record numbers); directories and names go to datasets.load_dataset."""
+    if os.path.isdir(os.path.expanduser(source)):
+        return False
     return source.lower().endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")) or os.path.exists(source)
 
 
@@ -205,8 +209,6 @@ def read_local_records(path: str) -> list[Any]:
     file = Path(path).expanduser()
     if not file.exists():
         raise DataError(path, "no such file")
-    if file.is_dir():
-        raise DataError(path, "is a directory; give the data file(s) inside it")
     suffix = file.suffix.lower()
     if suffix in (".parquet", ".csv"):
         import datasets
@@ -247,7 +249,7 @@ def read_local_records(path: str) -> list[Any]:
 
 
 def read_records(source: str, split: str = "train") -> list[Any]:
-    if is_local_source(source):
+    if is_local_file(source):
         return read_local_records(source)
     import datasets
 

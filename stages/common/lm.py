@@ -32,5 +32,7 @@ class CausalLMObjective:
     def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        # use_cache=False matters beyond memory: with a cache transformers skips the packed-sequence check
+        # and packed examples would attend to each other.
         logits = model(**inputs, use_cache=False).logits
         return token_nll_sum(logits, batch["labels"].to(device)), {}

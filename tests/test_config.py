@@ -1,0 +1,66 @@
+"""YAML + overrides into typed dataclasses; every TrainingArguments knob reachable; errors name the key."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from stages.common.config import (BackboneArguments, DataArguments, ModelArguments, TrainArguments, parse_config,
+                                  save_resolved_config)
+from stages.common.errors import ConfigError
+
+from conftest import ROOT
+
+ZERO2 = str(ROOT / "configs" / "deepspeed" / "zero2.json")
+SFT = (ModelArguments, DataArguments, BackboneArguments, TrainArguments)
+
+
+def write(tmp_path, values: dict):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_yaml_and_both_override_forms(tmp_path):
+    config = write(tmp_path, {"model_name_or_path": "m", "dataset": ["a.json", "b.jsonl"], "finetuning_type": "lora",
+                              "learning_rate": 1e-4, "gradient_checkpointing": True, "lora_target": ["q_proj", "v_proj"]})
+    model, data, backbone, train = parse_config(
+        ["--config", config, "lora_rank=32", "--learning_rate", "3e-4", "dataset=[c.json,d.json]", "--packing", "true"], SFT)
+    assert model.model_name_or_path == "m"
+    assert data.dataset == ["c.json", "d.json"] and data.packing is True
+    assert backbone.finetuning_type == "lora" and backbone.lora_rank == 32 and backbone.lora_target == ["q_proj", "v_proj"]
+    assert train.learning_rate == 3e-4 and train.gradient_checkpointing is True
+
+
+def test_trainer_knobs_are_reachable(tmp_path):
+    *_, train = parse_config(["per_device_train_batch_size=3", "gradient_accumulation_steps=5", "bf16=true", "use_cpu=true",
+                              f"deepspeed={ZERO2}", "save_steps=7", "seed=11", "report_to=none",
+                              "lr_scheduler_type=cosine", "warmup_steps=0.1", "max_grad_norm=0.5",
+                              "resume_from_checkpoint=somewhere"], SFT)
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps, train.save_steps, train.seed) == (3, 5, 7, 11)
+    assert train.bf16 is True and train.deepspeed == ZERO2 and train.report_to == []
+    assert train.max_grad_norm == 0.5 and train.resume_from_checkpoint == "somewhere"
+
+
+@pytest.mark.parametrize("argv, key", [(["lora_rnak=4"], "lora_rnak"), (["learning_rate=fast"], "learning_rate"),
+                                        (["--lr", "1"], "lr")])
+def test_unknown_keys_and_bad_values_name_the_key(argv, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv, SFT)
+    assert key in str(err.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("learning_rate: [1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)], SFT)
+    assert "broken.yaml" in str(err.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    parsed = parse_config(["model_name_or_path=m", "dataset=[x.json]", "finetuning_type=freeze", "freeze_trainable_layers=3",
+                           "learning_rate=2e-5", f"output_dir={tmp_path}"], SFT)
+    saved = save_resolved_config(str(tmp_path), *parsed)
+    again = parse_config(["--config", str(saved)], SFT)
+    assert again[0] == parsed[0] and again[1] == parsed[1] and again[2] == parsed[2]
+    assert again[3].learning_rate == 2e-5 and again[3].output_dir == str(tmp_path)
