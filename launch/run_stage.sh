@@ -48,8 +48,9 @@ case "$(cd "$(dirname "$CONFIG")" && pwd)" in
 esac
 
 # Where the output goes (and whether DeepSpeed is configured), as the stage itself will resolve them.
-OUTPUT_DIR="$("$PYTHON" -m stages.cli config-get output_dir --config "$CONFIG" "${ARGS[@]}")" || exit $?
-DS_CONFIG="$("$PYTHON" -m stages.cli config-get deepspeed --config "$CONFIG" "${ARGS[@]}")" || exit $?
+RESOLVED="$("$PYTHON" -m stages.cli config-get output_dir,deepspeed --config "$CONFIG" "${ARGS[@]}")" || exit $?
+OUTPUT_DIR="$(sed -n 1p <<<"$RESOLVED")"
+DS_CONFIG="$(sed -n 2p <<<"$RESOLVED")"
 [ "$DS_CONFIG" = "None" ] && DS_CONFIG=""
 
 if [ -z "${NUM_GPUS:-}" ]; then

@@ -25,16 +25,19 @@ def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
 
 
 def config_get(argv: list[str]) -> int:
-    """``tristage config-get KEY [--config FILE] [overrides]``: the value a stage would use (default included)."""
+    """``tristage config-get KEY[,KEY...] [--config FILE] [overrides]``: the values a stage would use
+    (defaults included), one per line. Also validates the config, so the launcher fails fast on a bad one."""
     from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments, parse_config
 
-    key, rest = argv[0], argv[1:]
-    for cfg in parse_config(rest, (ModelArguments, DataArguments, BackboneArguments, TrainArguments)):
-        if hasattr(cfg, key):
-            print(getattr(cfg, key))
-            return 0
-    print(f"tristage: error: unknown key {key!r}", file=sys.stderr)
-    return INPUT_ERROR_EXIT_CODE
+    keys, rest = argv[0].split(","), argv[1:]
+    configs = parse_config(rest, (ModelArguments, DataArguments, BackboneArguments, TrainArguments))
+    for key in keys:
+        owner = next((cfg for cfg in configs if hasattr(cfg, key)), None)
+        if owner is None:
+            print(f"tristage: error: unknown key {key!r}", file=sys.stderr)
+            return INPUT_ERROR_EXIT_CODE
+        print(getattr(owner, key))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
