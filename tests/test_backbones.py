@@ -24,7 +24,7 @@ def train(tmp_path, tiny_model, *overrides, min_drop: float = 0.02) -> Path:
     assert_ok(result)
     losses = [m["loss"] for m in read_metrics(out)]
     assert len(losses) == 12
-    assert losses[-1] < losses[0] - min_drop and losses[-1] == min(losses[-3:]), f"loss did not fall: {losses}"
+    assert sum(losses[-3:]) / 3 < losses[0] - min_drop, f"loss did not fall: {losses}"
     return out
 
 
