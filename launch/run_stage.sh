@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a tristage stage on this machine or a cluster.
 #
-#   launch/run_stage.sh sft|export|demo [--config FILE] [key=value | --key value ...]
+#   launch/run_stage.sh sft|rm|score|export|demo [--config FILE] [key=value | --key value ...]
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
 # first, with no download). The launcher is picked from the hardware:
@@ -21,11 +21,12 @@ STAGE="${1:-}"
 [ -n "$STAGE" ] || { usage; exit 2; }
 shift
 case "$STAGE" in
-  sft) ;;
+  sft|rm) ;;
+  score) exec "$PYTHON" -m stages.cli score "$@" ;;
   export) exec "$PYTHON" -m stages.cli export "$@" ;;
   demo) exec "$PYTHON" -m stages.cli demo --out "${DEMO_DIR:-runs/demo}" "$@" ;;
   -h|--help|help) usage; exit 0 ;;
-  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, export, demo)" >&2; exit 2 ;;
+  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, score, export, demo)" >&2; exit 2 ;;
 esac
 
 CONFIG=""
@@ -48,7 +49,7 @@ case "$(cd "$(dirname "$CONFIG")" && pwd)" in
 esac
 
 # Where the output goes (and whether DeepSpeed is configured), as the stage itself will resolve them.
-RESOLVED="$("$PYTHON" -m stages.cli config-get output_dir,deepspeed --config "$CONFIG" "${ARGS[@]}")" || exit $?
+RESOLVED="$("$PYTHON" -m stages.cli config-get "$STAGE" output_dir,deepspeed --config "$CONFIG" "${ARGS[@]}")" || exit $?
 OUTPUT_DIR="$(sed -n 1p <<<"$RESOLVED")"
 DS_CONFIG="$(sed -n 2p <<<"$RESOLVED")"
 [ "$DS_CONFIG" = "None" ] && DS_CONFIG=""

@@ -9,6 +9,8 @@ from stages.common.errors import INPUT_ERROR_EXIT_CODE, InputError
 
 COMMANDS = {
     "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
+    "rm": ("stages.rm.train", "stage 2: reward model on preference pairs"),
+    "score": ("rewards.model", "score a file of (prompt, response) records with a reward model"),
     "export": ("stages.common.export", "merge an adapter into a standalone model"),
     "demo": ("stages.demo.build", "build the demo's base model and data (no download)"),
     "config-get": ("stages.cli", "print one key of a resolved config (used by launch/run_stage.sh)"),
@@ -25,12 +27,12 @@ def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
 
 
 def config_get(argv: list[str]) -> int:
-    """``tristage config-get KEY[,KEY...] [--config FILE] [overrides]``: the values a stage would use
+    """``tristage config-get STAGE KEY[,KEY...] [--config FILE] [overrides]``: the values the stage would use
     (defaults included), one per line. Also validates the config, so the launcher fails fast on a bad one."""
-    from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments, parse_config
+    from stages.common.config import STAGE_CONFIGS, parse_config
 
-    keys, rest = argv[0].split(","), argv[1:]
-    configs = parse_config(rest, (ModelArguments, DataArguments, BackboneArguments, TrainArguments))
+    stage, keys, rest = argv[0], argv[1].split(","), argv[2:]
+    configs = parse_config(rest, STAGE_CONFIGS[stage])
     for key in keys:
         owner = next((cfg for cfg in configs if hasattr(cfg, key)), None)
         if owner is None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny Llama (4 blocks, d=32) and its byte-level tokenizer, built once per session
+"""Shared fixtures: one tiny Llama (4 blocks, d=64) and its byte-level tokenizer, built once per session
 with no download, and a helper that runs a stage through launch/run_stage.sh as a user would."""
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def tiny_model(tmp_path_factory) -> Path:
     from stages.demo.task import corpus_lines
 
     out = tmp_path_factory.mktemp("tiny") / "base"
-    return build_base_model(out, layers=4, hidden=32, heads=2, vocab_size=400, max_positions=512,
+    # d=64: bitsandbytes packs 4-bit weights for CPU inference in blocks of 64 and fails on narrower layers.
+    return build_base_model(out, layers=4, hidden=64, heads=2, vocab_size=400, max_positions=512,
                             corpus=corpus_lines() + _fixture_text())
 
 

@@ -169,8 +169,11 @@ def peft_config(backbone: BackboneArguments, task_type: str, modules_to_save: li
 
 
 def apply_backbone(model: nn.Module, backbone: BackboneArguments, train_args, task_type: str = "CAUSAL_LM",
-                   modules_to_save: list[str] | None = None) -> nn.Module:
-    """Mark what trains; wrap with peft where the mode is an adapter. Returns the model to train."""
+                   head_modules: list[str] | None = None) -> nn.Module:
+    """Mark what trains; wrap with peft where the mode is an adapter. Returns the model to train.
+
+    ``head_modules`` (a reward model's or critic's new scalar head) always train: with adapters they are
+    peft ``modules_to_save`` and are saved with the adapter; with freeze they join the trained blocks."""
     import peft
 
     kind = backbone.finetuning_type
@@ -187,8 +190,11 @@ def apply_backbone(model: nn.Module, backbone: BackboneArguments, train_args, ta
         model.requires_grad_(True)
     elif kind == "freeze":
         freeze_blocks(model, backbone)
+        for name, param in model.named_parameters():
+            if head_modules and _matches(name, head_modules):
+                param.requires_grad_(True)
     else:
-        model = peft.get_peft_model(model, peft_config(backbone, task_type, modules_to_save))
+        model = peft.get_peft_model(model, peft_config(backbone, task_type, head_modules))
     return model
 
 

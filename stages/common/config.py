@@ -78,6 +78,14 @@ class BackboneArguments:
 
 
 @dataclass
+class RewardArguments:
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of (r_chosen + r_rejected)^2 in the loss, keeping rewards centered at 0 "
+                                       "(Eisenstein et al. 2023); 0 = off."})
+    use_margin: bool = field(default=True, metadata={"help": "Use each pair's margin field in -log sigmoid(r+ - r- - margin)."})
+
+
+@dataclass
 class TrainArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the few knobs tristage's own loop adds."""
 
@@ -190,3 +198,9 @@ def save_resolved_config(output_dir: str, *configs, name: str = "tristage_config
     path = Path(output_dir) / name
     path.write_text(yaml.safe_dump(config_to_dict(*configs), sort_keys=True, allow_unicode=True), encoding="utf-8")
     return path
+
+
+STAGE_CONFIGS: dict[str, tuple[type, ...]] = {
+    "sft": (ModelArguments, DataArguments, BackboneArguments, TrainArguments),
+    "rm": (ModelArguments, DataArguments, BackboneArguments, RewardArguments, TrainArguments),
+}

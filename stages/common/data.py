@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -46,6 +47,16 @@ class SFTExample:
     text: str | None = None  # plain text: every token is trained on
     prompt_field: str = "prompt"  # the record field a too-long prompt is reported against
     origin: tuple[str, int] = ("?", 0)  # (file, 1-based record number) for error messages
+
+
+@dataclass
+class PreferenceExample:
+    prompt: list[dict[str, str]]  # system?, user, assistant, ..., user: the conversation before the responses
+    chosen: str
+    rejected: str
+    margin: float = 0.0  # how much better chosen is; the Bradley-Terry loss asks for at least this gap
+    prompt_field: str = "prompt"
+    origin: tuple[str, int] = ("?", 0)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -100,8 +111,9 @@ def optional_str(record: dict, key: str) -> str | None:
     return value
 
 
-def check_conversation(messages: list[dict[str, str]], field_name: str, paths: list[str]) -> list[dict[str, str]]:
-    """system?, then user/assistant alternating, ending with a non-empty assistant turn."""
+def check_conversation(messages: list[dict[str, str]], field_name: str, paths: list[str], final_role: str = "assistant") -> list[dict[str, str]]:
+    """system?, then user/assistant alternating, ending with a non-empty ``final_role`` turn (a prompt ends
+    with the user)."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise RecordError(field_name, "has no user/assistant turns")
@@ -114,12 +126,13 @@ def check_conversation(messages: list[dict[str, str]], field_name: str, paths: l
         if not message["content"].strip():
             what = "response" if expected == "assistant" else "prompt"
             raise RecordError(paths[i + offset], f"empty {what}")
-    if body[-1]["role"] != "assistant":
-        raise RecordError(field_name, "must end with an assistant turn")
+    if body[-1]["role"] != final_role:
+        raise RecordError(field_name, f"must end with {'an assistant' if final_role == 'assistant' else 'a user'} turn")
     return messages
 
 
-def parse_turns(turns: Any, field_name: str, role_key: str, content_key: str, role_map: dict[str, str]) -> list[dict]:
+def parse_turns(turns: Any, field_name: str, role_key: str, content_key: str, role_map: dict[str, str],
+                final_role: str = "assistant") -> list[dict]:
     if not isinstance(turns, list):
         raise RecordError(field_name, f"must be a list of turns, got {type(turns).__name__}")
     messages, paths = [], []
@@ -135,7 +148,7 @@ def parse_turns(turns: Any, field_name: str, role_key: str, content_key: str, ro
         paths.append(f"{path}.{content_key}")
     if messages and any(m["role"] == "system" for m in messages[1:]):
         raise RecordError(field_name, "a system turn may only come first")
-    return check_conversation(messages, field_name, paths)
+    return check_conversation(messages, field_name, paths, final_role)
 
 
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -194,6 +207,122 @@ def parse_prompt_completion(record: dict) -> SFTExample:
 @register_format("text", "sft", lambda r: "text" in r, "text: plain text, every token trained (continued pre-training)")
 def parse_text(record: dict) -> SFTExample:
     return SFTExample(text=require_str(record, "text"), prompt_field="text")
+
+
+# --------------------------------------------------------------------------------- preference formats
+def check_pair(chosen: str, rejected: str, chosen_field: str = "chosen", rejected_field: str = "rejected") -> None:
+    if not chosen.strip():
+        raise RecordError(chosen_field, "empty response")
+    if not rejected.strip():
+        raise RecordError(rejected_field, "empty response")
+    if chosen.strip() == rejected.strip():
+        raise RecordError(rejected_field, "identical to chosen: the pair says nothing")
+
+
+def read_margin(record: dict) -> float:
+    margin = record.get("margin", 0.0)
+    if margin is None:
+        return 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise RecordError("margin", f"must be a number, got {type(margin).__name__}")
+    return float(margin)
+
+
+def response_text(value: Any, field_name: str) -> str:
+    """A response given as a string, a {role/from, content/value} object, or a list holding one assistant message."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        content_key = "content" if "content" in value else "value"
+        return require_str(value, content_key, allow_empty=True, label=f"{field_name}.{content_key}")
+    if isinstance(value, list):
+        replies = [m for m in value if isinstance(m, dict) and m.get("role", m.get("from")) in ("assistant", "gpt")]
+        if len(replies) != 1 or len(value) != 1:
+            raise RecordError(field_name, "a message list here must hold exactly one assistant message")
+        return response_text(replies[0], f"{field_name}[0]")
+    raise RecordError(field_name, f"must be a string or a message, got {type(value).__name__}")
+
+
+def split_shared_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], str, str]:
+    """Two full conversations -> (shared prompt, last chosen reply, last rejected reply), as in HH-RLHF and
+    TRL's implicit-prompt preference data."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    prompt = chosen[:shared]
+    if shared == len(chosen) or shared == len(rejected):
+        raise RecordError("rejected", "identical to chosen: the pair says nothing")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if len(side) != shared + 1 or side[-1]["role"] != "assistant":
+            raise RecordError(name, "must differ from the other side only in its final assistant turn")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RecordError("chosen", "the shared conversation must end with a human/user turn")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+@register_format("sharegpt_ranking", "preference", lambda r: "conversations" in r and "chosen" in r and "rejected" in r,
+                 "conversations: [{from, value}, ...] ending with the human turn; chosen / rejected: {from: gpt, value}")
+def parse_sharegpt_ranking(record: dict) -> PreferenceExample:
+    prompt = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES, final_role="user")
+    system = optional_str(record, "system")
+    if system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}] + prompt
+    chosen, rejected = response_text(record["chosen"], "chosen"), response_text(record["rejected"], "rejected")
+    check_pair(chosen, rejected)
+    return PreferenceExample(prompt, chosen, rejected, read_margin(record), prompt_field="conversations")
+
+
+@register_format("prompt_chosen_rejected", "preference", lambda r: "prompt" in r and "chosen" in r and "rejected" in r,
+                 "prompt (string or messages), chosen, rejected (strings or one assistant message), optional system, margin "
+                 "(TRL explicit-prompt preference data; DeepSpeed-Chat local json)")
+def parse_prompt_chosen_rejected(record: dict) -> PreferenceExample:
+    raw_prompt = record["prompt"]
+    if isinstance(raw_prompt, list):
+        prompt = parse_turns(raw_prompt, "prompt", "role", "content", CHAT_ROLES, final_role="user")
+    else:
+        prompt = [{"role": "user", "content": require_str(record, "prompt")}]
+    system = optional_str(record, "system")
+    if system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}] + prompt
+    chosen, rejected = response_text(record["chosen"], "chosen"), response_text(record["rejected"], "rejected")
+    check_pair(chosen, rejected)
+    return PreferenceExample(prompt, chosen, rejected, read_margin(record))
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def parse_hh_transcript(text: str, field_name: str) -> list[dict]:
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        raise RecordError(field_name, "text before the first '\\n\\nHuman:' turn")
+    messages = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+                for speaker, content in zip(parts[1::2], parts[2::2])]
+    if not messages:
+        raise RecordError(field_name, "no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
+    return messages
+
+
+@register_format("hh_rlhf", "preference",
+                 lambda r: "prompt" not in r and isinstance(r.get("chosen"), str) and "\n\nHuman:" in r["chosen"],
+                 "chosen / rejected: full Anthropic HH-RLHF transcripts; the shared turns become the prompt")
+def parse_hh_rlhf(record: dict) -> PreferenceExample:
+    chosen = parse_hh_transcript(require_str(record, "chosen"), "chosen")
+    rejected = parse_hh_transcript(require_str(record, "rejected"), "rejected")
+    prompt, chosen_reply, rejected_reply = split_shared_prefix(chosen, rejected)
+    check_pair(chosen_reply, rejected_reply)
+    return PreferenceExample(prompt, chosen_reply, rejected_reply, read_margin(record), prompt_field="chosen")
+
+
+@register_format("chosen_rejected_messages", "preference",
+                 lambda r: "prompt" not in r and isinstance(r.get("chosen"), list) and isinstance(r.get("rejected"), list),
+                 "chosen / rejected: full conversations (messages); the shared turns become the prompt (TRL implicit prompt)")
+def parse_chosen_rejected_messages(record: dict) -> PreferenceExample:
+    chosen = parse_turns(record["chosen"], "chosen", "role", "content", CHAT_ROLES)
+    rejected = parse_turns(record["rejected"], "rejected", "role", "content", CHAT_ROLES)
+    prompt, chosen_reply, rejected_reply = split_shared_prefix(chosen, rejected)
+    check_pair(chosen_reply, rejected_reply)
+    return PreferenceExample(prompt, chosen_reply, rejected_reply, read_margin(record), prompt_field="chosen")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -389,18 +518,41 @@ def tokenize_sft_example(example: SFTExample, tokenizer, max_length: int) -> dic
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_examples(examples: list[SFTExample], tokenizer, max_length: int, skip_invalid: bool) -> list[dict]:
+def render_exchange(tokenizer, prompt: list[dict], response: str) -> str:
+    """The text a reward model scores: the prompt and the response through the chat template."""
+    return render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}])
+
+
+def tokenize_for_reward(tokenizer, prompt: list[dict], response: str, max_length: int) -> list[int]:
+    """Right-truncated to max_length: the reward is read at the last kept token."""
+    return tokenizer(render_exchange(tokenizer, prompt, response), add_special_tokens=False)["input_ids"][:max_length]
+
+
+def tokenize_preference_example(example: PreferenceExample, tokenizer, max_length: int) -> dict:
+    chosen = tokenize_for_reward(tokenizer, example.prompt, example.chosen, max_length)
+    rejected = tokenize_for_reward(tokenizer, example.prompt, example.rejected, max_length)
+    if chosen == rejected:
+        raise RecordError(example.prompt_field, f"chosen and rejected are identical within max_length={max_length} tokens "
+                                                "(the prompt is too long)")
+    return {"chosen_ids": chosen, "rejected_ids": rejected, "margin": example.margin}
+
+
+TOKENIZERS = {"sft": tokenize_sft_example, "preference": tokenize_preference_example}
+
+
+def tokenize_examples(examples: list, tokenizer, max_length: int, skip_invalid: bool, kind: str = "sft") -> list[dict]:
+    tokenize = TOKENIZERS[kind]
     rows, skipped = [], 0
     for example in examples:
         try:
-            rows.append(tokenize_sft_example(example, tokenizer, max_length))
+            rows.append(tokenize(example, tokenizer, max_length))
         except RecordError as err:
             if skip_invalid:
                 skipped += 1
                 continue
             raise DataError(example.origin[0], err.message, record=example.origin[1], field=err.field) from None
     if skipped:
-        print(f"[tristage] skipped {skipped} record(s) whose prompt leaves no response within max_length (skip_invalid)")
+        print(f"[tristage] skipped {skipped} record(s) that do not fit max_length={max_length} (skip_invalid)")
     return rows
 
 
@@ -414,28 +566,37 @@ def pack_rows(rows: list[dict], max_length: int) -> list[dict]:
 
 
 @dataclass
-class SFTData:
+class StageData:
     train: list[dict]
     eval: list[dict] = field(default_factory=list)
 
 
-def build_sft_data(data_args, tokenizer, seed: int) -> SFTData:
-    """Read, validate, mix, split and tokenize; every error here comes before the model is loaded."""
+def build_stage_data(data_args, tokenizer, seed: int, kind: str) -> StageData:
+    """Read, validate, mix, split and tokenize (``kind``: sft or preference); every error here comes
+    before the model is loaded."""
     if not data_args.dataset:
         raise DataError("dataset", "no dataset given (dataset: path(s) or name(s))")
-    per_source = load_source_examples(data_args.dataset, "sft", data_args)
+    per_source = load_source_examples(data_args.dataset, kind, data_args)
     examples = mix_sources(per_source, data_args.dataset_ratios, seed)
     if data_args.eval_dataset:
-        eval_examples = [e for examples in load_source_examples(data_args.eval_dataset, "sft", data_args) for e in examples]
+        eval_examples = [e for examples in load_source_examples(data_args.eval_dataset, kind, data_args) for e in examples]
     else:
         examples, eval_examples = split_eval(examples, data_args.val_size, seed)
     if data_args.max_samples:
         examples = examples[: data_args.max_samples]
-    train = tokenize_examples(examples, tokenizer, data_args.max_length, data_args.skip_invalid)
-    evaluation = tokenize_examples(eval_examples, tokenizer, data_args.max_length, data_args.skip_invalid)
-    if data_args.packing:
+    train = tokenize_examples(examples, tokenizer, data_args.max_length, data_args.skip_invalid, kind)
+    evaluation = tokenize_examples(eval_examples, tokenizer, data_args.max_length, data_args.skip_invalid, kind)
+    if data_args.packing and kind == "sft":
         train = pack_rows(train, data_args.max_length)
-    return SFTData(train=train, eval=evaluation)
+    return StageData(train=train, eval=evaluation)
+
+
+def build_sft_data(data_args, tokenizer, seed: int) -> StageData:
+    return build_stage_data(data_args, tokenizer, seed, "sft")
+
+
+def build_preference_data(data_args, tokenizer, seed: int) -> StageData:
+    return build_stage_data(data_args, tokenizer, seed, "preference")
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -457,3 +618,19 @@ def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         lengths = list(row["seq_lengths"]) + [width - len(row["input_ids"])]  # the padding is one more segment
         position_ids[i] = torch.cat([torch.arange(n) for n in lengths if n > 0])
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def collate_preferences(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One forward for both sides: the first half of the batch is the chosen responses, the second the rejected."""
+    input_ids, attention_mask = right_pad([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": torch.tensor([float(r["margin"]) for r in rows])}

@@ -13,23 +13,16 @@ import random
 from dataclasses import dataclass
 
 PRODUCTS = [
-    # name, price ($), color, warranty (years)
+    # name, price ($), color, warranty (years). Eight products (24 facts): with 16 the tiny reward model
+    # could not learn which fact is right from the demo's ~600 pairs (held-out gold accuracy stuck at ~67%).
     ("Zephyr lamp", 25, "amber", 2),
     ("Orbit kettle", 40, "silver", 1),
     ("Nimbus pillow", 18, "white", 3),
     ("Falcon drill", 95, "orange", 5),
-    ("Pebble speaker", 60, "teal", 2),
-    ("Atlas backpack", 75, "black", 4),
-    ("Comet blender", 55, "red", 3),
-    ("Willow chair", 120, "green", 6),
-    ("Ember heater", 85, "grey", 2),
-    ("Lumen desk", 210, "oak", 8),
-    ("Tidal bottle", 12, "blue", 1),
-    ("Quartz watch", 150, "gold", 7),
-    ("Harbor tent", 180, "olive", 5),
-    ("Sprout planter", 22, "brown", 1),
-    ("Vertex monitor", 240, "black", 3),
-    ("Mosaic rug", 130, "purple", 4),
+    ("Pebble speaker", 60, "teal", 4),
+    ("Atlas backpack", 75, "black", 6),
+    ("Comet blender", 55, "red", 7),
+    ("Willow chair", 120, "green", 8),
 ]
 
 ATTRIBUTES = {

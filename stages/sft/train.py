@@ -14,7 +14,7 @@ from functools import partial
 from transformers import AutoModelForCausalLM, set_seed
 
 from stages.common.backbone import apply_backbone, check_backbone_args, load_pretrained, load_tokenizer, parameter_counts
-from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments, parse_config, save_resolved_config
+from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
 from stages.common.data import build_sft_data, collate_sft
 from stages.common.distributed import init_distributed
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
@@ -22,11 +22,8 @@ from stages.common.lm import CausalLMObjective
 from stages.common.loop import fit, save_model, total_steps, write_weight_digest
 from stages.common.tracking import RunTracker
 
-SFT_CONFIG = (ModelArguments, DataArguments, BackboneArguments, TrainArguments)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, backbone_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, SFT_CONFIG)
+    model_args, data_args, backbone_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["sft"])
     check_backbone_args(backbone_args, train_args, stage="sft", packing=data_args.packing)
     dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed))
     set_seed(train_args.seed)

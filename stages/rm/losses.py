@@ -1,0 +1,17 @@
+"""Reward-model losses, as pure functions of per-pair rewards."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per-pair −log σ(r⁺ − r⁻ − margin): the negative log-likelihood of the label under Bradley-Terry, asking
+    for a gap of at least ``margin`` (Llama 2's margin loss) when pairs carry one."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def centering_penalty(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair (r⁺ + r⁻)²: keeps rewards centered at zero, which the Bradley-Terry loss leaves free
+    (Eisenstein et al. 2023, "Helping or herding?")."""
+    return (chosen + rejected) ** 2

@@ -1,0 +1,113 @@
+"""Stage 2: a reward model on human preference pairs.
+
+    tristage rm --config configs/demo/rm.yaml [key=value ...]
+
+Reads top to bottom: config -> pairs (all validated before any model is loaded) -> sequence-classification
+backbone with a scalar head -> engine -> loop (Bradley-Terry loss) -> reward statistics -> save.
+The output loads as ``AutoModelForSequenceClassification`` (num_labels=1), or as a peft adapter whose
+score head is saved with it; ``reward_stats.json`` holds the mean and std of rewards on held-out responses.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from functools import partial
+
+import torch
+from transformers import AutoModelForSequenceClassification, set_seed
+
+from rewards.model import RewardModel, RewardStats
+from stages.common.backbone import apply_backbone, check_backbone_args, load_pretrained, load_tokenizer, parameter_counts
+from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
+from stages.common.data import build_preference_data, collate_preferences
+from stages.common.distributed import all_reduce_sum, init_distributed
+from stages.common.engine import TrainingEngine, resolve_deepspeed_config
+from stages.common.loop import fit, save_model, total_steps, write_weight_digest
+from stages.common.tracking import RunTracker
+from stages.rm.losses import bradley_terry_loss, centering_penalty
+
+SCORE_HEAD = ["score"]  # the name transformers gives the scalar head of *ForSequenceClassification decoders
+
+
+class PairwiseObjective:
+    """Mean Bradley-Terry loss over pairs (+ optional centering); accuracy and reward gap as metrics."""
+
+    def __init__(self, center_rewards_coefficient: float, use_margin: bool):
+        self.center, self.use_margin = center_rewards_coefficient, use_margin
+
+    def count(self, batch: dict) -> float:
+        return float(batch["margin"].numel())
+
+    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        chosen, rejected = rewards.chunk(2)
+        margin = batch["margin"].to(device) if self.use_margin else 0.0
+        loss = bradley_terry_loss(chosen, rejected, margin)
+        if self.center:
+            loss = loss + self.center * centering_penalty(chosen, rejected)
+        gap = (chosen - rejected).detach()
+        return loss.sum(), {"accuracy": float((gap > 0).sum()), "reward_gap": float(gap.sum())}
+
+
+@torch.no_grad()
+def reward_statistics(engine: TrainingEngine, rows: list[dict], collate, micro_batch: int) -> RewardStats:
+    """Mean and std of the rewards of every response (chosen and rejected) in ``rows``, over all ranks.
+    Every rank runs the same number of forwards, as ZeRO-3 needs."""
+    dist = engine.dist
+    mine = rows[dist.rank :: dist.world_size]
+    batches = math.ceil(math.ceil(len(rows) / dist.world_size) / micro_batch)
+    engine.train(False)
+    total, total_sq, count = 0.0, 0.0, 0.0
+    for b in range(batches):
+        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
+        batch = collate(chunk or rows[:1])
+        device = engine.dist.device
+        rewards = engine.forward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).double()
+        if chunk:
+            total, total_sq, count = total + float(rewards.sum()), total_sq + float((rewards**2).sum()), count + rewards.numel()
+    total, total_sq, count = all_reduce_sum([total, total_sq, count])
+    mean = total / count
+    return RewardStats(mean=mean, std=math.sqrt(max(total_sq / count - mean**2, 0.0) * count / max(count - 1, 1)), count=int(count))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, backbone_args, reward_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["rm"])
+    check_backbone_args(backbone_args, train_args, stage="rm")
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed))
+    set_seed(train_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    data = build_preference_data(data_args, tokenizer, seed=train_args.seed)
+    steps = total_steps(len(data.train), train_args, dist)
+    ds_config = resolve_deepspeed_config(train_args, dist)
+    if dist.is_main:
+        save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, reward_args, train_args)
+
+    model = load_pretrained(AutoModelForSequenceClassification, model_args, backbone_args, train_args, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # so the saved model also pools right in plain transformers
+    model = apply_backbone(model, backbone_args, train_args, task_type="SEQ_CLS", head_modules=SCORE_HEAD)
+    trainable, total = parameter_counts(model)
+    engine = TrainingEngine(RewardModel(model), train_args, steps, dist, ds_config)
+
+    tracker = RunTracker(train_args.output_dir, train_args.report_to if dist.is_main else [], steps, enabled=dist.is_main, title="rm")
+    tracker.message(
+        f"rm: {backbone_args.finetuning_type}, trainable {trainable:,} of {total:,} parameters, {len(data.train)} train pairs, "
+        f"{len(data.eval)} eval pairs, {steps} steps, {dist.world_size} process(es), "
+        f"{'ZeRO-' + str(engine.zero_stage) if ds_config else 'no DeepSpeed'}"
+    )
+    collate = partial(collate_preferences, pad_token_id=tokenizer.pad_token_id)
+    objective = PairwiseObjective(reward_args.center_rewards_coefficient, reward_args.use_margin)
+    final = fit(engine, data.train, data.eval, collate, objective, train_args, tracker, steps)
+
+    stats = reward_statistics(engine, data.eval or data.train, collate, train_args.per_device_eval_batch_size)
+    tracker.log(final["global_step"], {"reward_mean": stats.mean, "reward_std": stats.std})
+    tracker.close()
+    if dist.is_main:
+        stats.save(train_args.output_dir)
+    if train_args.save_weight_digest:
+        write_weight_digest(engine, train_args.output_dir)
+    save_model(engine, tokenizer, train_args.output_dir, {**final, "reward_mean": stats.mean, "reward_std": stats.std,
+                                                           "trainable_parameters": trainable, "total_parameters": total})
+    tracker.message(f"rm: saved to {train_args.output_dir} (held-out accuracy {final.get('eval_accuracy', float('nan')):.3f})")
+    return final
