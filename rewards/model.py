@@ -87,12 +87,6 @@ class RewardStats:
         path = Path(directory) / STATS_FILE
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
-    @classmethod
-    def from_rewards(cls, rewards: list[float]) -> "RewardStats":
-        mean = sum(rewards) / len(rewards)
-        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(len(rewards) - 1, 1))
-        return cls(mean=mean, std=std, count=len(rewards))
-
 
 def trained_quantization(path: str):
     """The bitsandbytes config a QLoRA reward model was trained with (from its tristage_config.yaml), so

@@ -97,21 +97,24 @@ def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: d
     return final
 
 
+def lockstep_batches(rows: list[dict], collate: Callable, micro_batch: int, dist: DistInfo):
+    """This rank's share of ``rows`` in batches, as (batch, counts). Every rank yields the same number of
+    batches, because ZeRO-3 forwards are collective; padding batches repeat a row and have counts=False."""
+    mine = rows[dist.rank :: dist.world_size]
+    for b in range(math.ceil(math.ceil(len(rows) / dist.world_size) / micro_batch)):
+        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
+        yield collate(chunk or rows[:1]), bool(chunk)
+
+
 @torch.no_grad()
 def evaluate(engine: TrainingEngine, rows: list[dict], collate: Callable, objective: Objective, micro_batch: int) -> dict[str, float]:
-    """Mean loss (and extra metrics) over the eval rows, sharded over the ranks. Every rank runs the same
-    number of forwards (ZeRO-3 forwards are collective); padding batches are run and not counted."""
-    dist = engine.dist
-    mine = rows[dist.rank :: dist.world_size]
-    batches = math.ceil(math.ceil(len(rows) / dist.world_size) / micro_batch)
+    """Mean loss (and extra metrics) over the eval rows, sharded over the ranks."""
     engine.train(False)
     totals: dict[str, float] = {"loss": 0.0, "count": 0.0}
-    for b in range(batches):
-        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
-        batch = collate(chunk or rows[:1])
+    for batch, counts in lockstep_batches(rows, collate, micro_batch, engine.dist):
         with engine.forward_context():
             loss, extra = objective.loss_sum(engine.forward_model, batch)
-        if chunk:
+        if counts:
             totals["loss"] += loss.item()
             totals["count"] += objective.count(batch)
             for key, value in extra.items():

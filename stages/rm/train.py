@@ -22,7 +22,7 @@ from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_conf
 from stages.common.data import build_preference_data, collate_preferences
 from stages.common.distributed import all_reduce_sum, init_distributed
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
-from stages.common.loop import fit, save_model, total_steps, write_weight_digest
+from stages.common.loop import fit, lockstep_batches, save_model, total_steps, write_weight_digest
 from stages.common.tracking import RunTracker
 from stages.rm.losses import bradley_terry_loss, centering_penalty
 
@@ -52,19 +52,13 @@ class PairwiseObjective:
 
 @torch.no_grad()
 def reward_statistics(engine: TrainingEngine, rows: list[dict], collate, micro_batch: int) -> RewardStats:
-    """Mean and std of the rewards of every response (chosen and rejected) in ``rows``, over all ranks.
-    Every rank runs the same number of forwards, as ZeRO-3 needs."""
-    dist = engine.dist
-    mine = rows[dist.rank :: dist.world_size]
-    batches = math.ceil(math.ceil(len(rows) / dist.world_size) / micro_batch)
+    """Mean and std of the rewards of every response (chosen and rejected) in ``rows``, over all ranks."""
     engine.train(False)
     total, total_sq, count = 0.0, 0.0, 0.0
-    for b in range(batches):
-        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
-        batch = collate(chunk or rows[:1])
+    for batch, counts in lockstep_batches(rows, collate, micro_batch, engine.dist):
         device = engine.dist.device
         rewards = engine.forward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).double()
-        if chunk:
+        if counts:
             total, total_sq, count = total + float(rewards.sum()), total_sq + float((rewards**2).sum()), count + rewards.numel()
     total, total_sq, count = all_reduce_sum([total, total_sq, count])
     mean = total / count
