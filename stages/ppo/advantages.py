@@ -1,0 +1,61 @@
+"""Per-token rewards, masked statistics, whitening and GAE: pure functions over (batch, response_length)
+tensors whose ``mask`` is 1 on response tokens (up to and including EOS) and 0 after."""
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        var = var * count / (count - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the masked entries; with shift_mean=False the mean is added back (as for rewards,
+    whose sign matters). Entries outside the mask are returned as 0."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * mask).argmax(dim=1)
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """−β·KL on every response token, plus the sequence score at the last response token
+    (lm-human-preferences; Ziegler et al. 2019)."""
+    rewards = -beta * kl * mask
+    rewards[torch.arange(len(scores)), last_token_index(mask)] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over response tokens; returns (advantages, returns = advantages + values).
+    Positions after the response (mask 0) neither bootstrap nor receive advantage."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(returns − values) / Var(returns): 1 is a perfect critic, ≤ 0 one no better than a constant."""
+    var_returns = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
