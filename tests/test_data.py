@@ -10,7 +10,6 @@ from conftest import FIXTURES
 from stages.common.config import DataArguments
 from stages.common.data import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, FORMATS, build_sft_data, collate_sft, mix_sources,
                                 parse_records, read_records, tokenize_sft_example)
-from stages.common.errors import DataError
 
 
 @pytest.fixture(scope="module")
