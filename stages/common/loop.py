@@ -138,6 +138,11 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
         tracker.message(f"resumed from {checkpoint} at step {step}")
     eval_every = train_args.eval_steps or train_args.logging_steps
     do_eval = bool(eval_rows) and _strategy(train_args.eval_strategy) == "steps"
+
+    def eval_metrics() -> dict:
+        metrics = evaluate(engine, eval_rows, collate, objective, train_args.per_device_eval_batch_size)
+        return {**metrics, **(extra_eval(metrics) if extra_eval else {})}
+
     last: dict = {}
     window_loss, window_count, window_extra, window_tokens, window_time = 0.0, 0.0, {}, 0, time.time()
     engine.train(True)
@@ -172,9 +177,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
                 if grad_norm is not None:
                     last["grad_norm"] = grad_norm
                 if do_eval and (step % eval_every == 0 or step == steps):
-                    last.update(evaluate(engine, eval_rows, collate, objective, train_args.per_device_eval_batch_size))
-                    if extra_eval:
-                        last.update(extra_eval(last))
+                    last.update(eval_metrics())
                 tracker.log(step, last)
                 window_loss, window_count, window_extra, window_tokens, window_time = 0.0, 0.0, {}, 0, time.time()
             if _strategy(train_args.save_strategy) == "steps" and step % train_args.save_steps == 0 and step < steps:
@@ -182,9 +185,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             if step >= steps:
                 break
     if eval_rows and "eval_loss" not in last:
-        last.update(evaluate(engine, eval_rows, collate, objective, train_args.per_device_eval_batch_size))
-        if extra_eval:
-            last.update(extra_eval(last))
+        last.update(eval_metrics())
         tracker.log(step, last)
     return {"global_step": step, **last}
 
