@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a tristage stage on this machine or a cluster.
 #
-#   launch/run_stage.sh sft|rm|score|export|demo [--config FILE] [key=value | --key value ...]
+#   launch/run_stage.sh sft|rm|ppo|score|export|demo|reward-server [--config FILE] [key=value | --key value ...]
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
 # first, with no download). The launcher is picked from the hardware:
@@ -21,12 +21,13 @@ STAGE="${1:-}"
 [ -n "$STAGE" ] || { usage; exit 2; }
 shift
 case "$STAGE" in
-  sft|rm) ;;
+  sft|rm|ppo) ;;
   score) exec "$PYTHON" -m stages.cli score "$@" ;;
   export) exec "$PYTHON" -m stages.cli export "$@" ;;
+  reward-server) exec "$PYTHON" -m stages.cli reward-server "$@" ;;
   demo) exec "$PYTHON" -m stages.cli demo --out "${DEMO_DIR:-runs/demo}" "$@" ;;
   -h|--help|help) usage; exit 0 ;;
-  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, score, export, demo)" >&2; exit 2 ;;
+  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, score, export, demo, reward-server)" >&2; exit 2 ;;
 esac
 
 CONFIG=""

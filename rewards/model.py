@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.common.backbone import trained_quantization
+
 STATS_FILE = "reward_stats.json"
 
 
@@ -57,8 +59,12 @@ class RewardModel(nn.Module):
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         return score_head(inner)(hidden).squeeze(-1).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+        """The reward of each sequence; with ``all_tokens`` the head's score at every position (PPO's critic
+        reads its values this way, through the same forward a DeepSpeed engine wraps)."""
         scores = self.token_scores(input_ids, attention_mask)
+        if all_tokens:
+            return scores
         return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
     def save_pretrained(self, directory, state_dict: dict | None = None, **kwargs) -> None:
@@ -85,26 +91,6 @@ class RewardStats:
     def load(cls, directory) -> "RewardStats | None":
         path = Path(directory) / STATS_FILE
         return cls(**json.loads(path.read_text())) if path.is_file() else None
-
-
-def trained_quantization(path: str):
-    """The bitsandbytes config a QLoRA reward model was trained with (from its tristage_config.yaml), so
-    scoring sees the same base as training did and the saved reward statistics apply."""
-    import yaml
-
-    from stages.common.backbone import quantization_config
-    from stages.common.config import BackboneArguments
-
-    config_file = Path(path) / "tristage_config.yaml"
-    if not config_file.is_file():
-        return None
-    values = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    if values.get("finetuning_type") != "qlora":
-        return None
-    known = {k: values[k] for k in ("quantization_bit", "quantization_type", "double_quantization") if k in values}
-    backbone = BackboneArguments(finetuning_type="qlora", **known)
-    precision = argparse.Namespace(bf16=bool(values.get("bf16")), fp16=bool(values.get("fp16")))
-    return quantization_config(backbone, precision)
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32, base: str | None = None) -> RewardModel:

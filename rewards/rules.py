@@ -37,3 +37,15 @@ def gold_judge(prompt: str, response: str) -> float:
 
 
 RULES = {"gold_judge": gold_judge}
+
+
+def keyword_rule(word: str):
+    """rule:keyword:WORD — the number of times WORD occurs in the response (a simple, steerable reward)."""
+    def count(prompt: str, response: str) -> float:
+        return float(response.count(word))
+
+    return count
+
+
+# Rules that take an argument: rule:NAME:ARG
+RULE_FACTORIES = {"keyword": keyword_rule}

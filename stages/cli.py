@@ -10,7 +10,9 @@ from stages.common.errors import INPUT_ERROR_EXIT_CODE, InputError
 COMMANDS = {
     "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
     "rm": ("stages.rm.train", "stage 2: reward model on preference pairs"),
+    "ppo": ("stages.ppo.train", "stage 3: PPO rollouts with KL control against the reference"),
     "score": ("rewards.model", "score a file of (prompt, response) records with a reward model"),
+    "reward-server": ("rewards.remote", "serve reward model(s) or rules over HTTP for PPO"),
     "export": ("stages.common.export", "merge an adapter into a standalone model"),
     "demo": ("stages.demo.build", "build the demo's base model and data (no download)"),
     "config-get": ("stages.cli", "print one key of a resolved config (used by launch/run_stage.sh)"),

@@ -7,10 +7,12 @@ naming the file, the record number (1-based) and the field.
 
 SFT formats (kind ``sft``) produce an ``SFTExample``: a list of ``{"role", "content"}`` messages (system,
 then alternating user/assistant, ending with assistant), or a plain ``text``. Preference formats (kind
-``preference``) come with stage 2 and register here the same way.
+``preference``) produce a ``PreferenceExample``. Prompts (kind ``prompt``, for PPO and eval) come from
+prompt-only records or from the prompts of any preference or SFT format.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +61,15 @@ class PreferenceExample:
     origin: tuple[str, int] = ("?", 0)
 
 
+@dataclass
+class PromptExample:
+    """A conversation that ends with the user's turn: what PPO and eval generate a response to."""
+
+    prompt: list[dict[str, str]]
+    prompt_field: str = "prompt"
+    origin: tuple[str, int] = ("?", 0)
+
+
 # ---------------------------------------------------------------------------------------------- registry
 @dataclass
 class RecordFormat:
@@ -80,12 +91,21 @@ def register_format(name: str, kind: str, detect: Callable[[dict], bool], descri
     return wrap
 
 
+# Prompts can come from prompt-only records or from the prompts of preference or SFT data, tried in this order.
+PROMPT_SOURCE_KINDS = ("prompt", "preference", "sft")
+
+
+def kinds_for(kind: str) -> tuple[str, ...]:
+    return PROMPT_SOURCE_KINDS if kind == "prompt" else (kind,)
+
+
 def detect_format(record: Any, kind: str) -> RecordFormat | None:
     if not isinstance(record, dict):
         return None
-    for fmt in FORMATS.values():  # registration order is priority order
-        if fmt.kind == kind and fmt.detect(record):
-            return fmt
+    for source_kind in kinds_for(kind):
+        for fmt in FORMATS.values():  # registration order is priority order
+            if fmt.kind == source_kind and fmt.detect(record):
+                return fmt
     return None
 
 
@@ -207,6 +227,33 @@ def parse_prompt_completion(record: dict) -> SFTExample:
 @register_format("text", "sft", lambda r: "text" in r, "text: plain text, every token trained (continued pre-training)")
 def parse_text(record: dict) -> SFTExample:
     return SFTExample(text=require_str(record, "text"), prompt_field="text")
+
+
+# ------------------------------------------------------------------------------------- prompt formats
+@register_format("prompt", "prompt", lambda r: "prompt" in r and not {"completion", "chosen", "rejected"} & set(r),
+                 "prompt (string or messages ending with a user turn), optional system: prompts only (PPO, eval)")
+def parse_prompt(record: dict) -> PromptExample:
+    if isinstance(record.get("prompt"), list):
+        messages = parse_turns(record["prompt"], "prompt", "role", "content", CHAT_ROLES, final_role="user")
+    else:
+        messages = [{"role": "user", "content": require_str(record, "prompt")}]
+    system = optional_str(record, "system")
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return PromptExample(messages)
+
+
+def as_prompt(example: Any) -> PromptExample:
+    """The prompt of any parsed example: a preference pair's shared conversation, or an SFT conversation
+    up to its last assistant turn."""
+    if isinstance(example, PromptExample):
+        return example
+    if isinstance(example, PreferenceExample):
+        return PromptExample(example.prompt, example.prompt_field, example.origin)
+    if example.messages is None:
+        raise RecordError(example.prompt_field, "plain text has no prompt to generate a response to")
+    last_reply = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+    return PromptExample(example.messages[:last_reply], example.prompt_field, example.origin)
 
 
 # --------------------------------------------------------------------------------- preference formats
@@ -396,12 +443,12 @@ def parse_records(source: str, records: list[Any], kind: str, format_name: str =
         fmt = detect_format(records[0], kind)
         if fmt is None:
             keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
-            known = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+            known = ", ".join(f.name for f in FORMATS.values() if f.kind in kinds_for(kind))
             raise DataError(source, f"unknown format: keys {keys} match none of the {kind} formats ({known})", record=1)
     else:
         fmt = FORMATS.get(format_name)
-        if fmt is None or fmt.kind != kind:
-            known = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+        if fmt is None or fmt.kind not in kinds_for(kind):
+            known = ", ".join(f.name for f in FORMATS.values() if f.kind in kinds_for(kind))
             raise DataError(source, f"unknown {kind} format {format_name!r} (known: {known})")
     examples, skipped = [], 0
     for number, record in enumerate(records, start=1):
@@ -409,6 +456,8 @@ def parse_records(source: str, records: list[Any], kind: str, format_name: str =
             if not isinstance(record, dict):
                 raise RecordError("<record>", f"must be an object, got {type(record).__name__}")
             example = fmt.parse(record)
+            if kind == "prompt":
+                example = as_prompt(example)
         except RecordError as err:
             if skip_invalid:
                 skipped += 1
@@ -537,7 +586,14 @@ def tokenize_preference_example(example: PreferenceExample, tokenizer, max_lengt
     return {"chosen_ids": chosen, "rejected_ids": rejected, "margin": example.margin}
 
 
-TOKENIZERS = {"sft": tokenize_sft_example, "preference": tokenize_preference_example}
+def tokenize_prompt_example(example: PromptExample, tokenizer, max_length: int) -> dict:
+    """The prompt through the chat template with the generation prompt; a longer prompt keeps its last
+    max_length tokens (the question and the cue to answer matter more than the start of a long history)."""
+    ids = tokenizer(render_chat(tokenizer, example.prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return {"prompt_ids": ids[-max_length:], "prompt": example.prompt}
+
+
+TOKENIZERS = {"sft": tokenize_sft_example, "preference": tokenize_preference_example, "prompt": tokenize_prompt_example}
 
 
 def tokenize_examples(examples: list, tokenizer, max_length: int, skip_invalid: bool, kind: str = "sft") -> list[dict]:
@@ -593,6 +649,12 @@ def build_stage_data(data_args, tokenizer, seed: int, kind: str) -> StageData:
 
 def build_sft_data(data_args, tokenizer, seed: int) -> StageData:
     return build_stage_data(data_args, tokenizer, seed, "sft")
+
+
+def build_prompt_data(data_args, tokenizer, seed: int, max_prompt_length: int) -> StageData:
+    """Prompts from any registry format, left-truncated to max_prompt_length tokens."""
+    data_args = dataclasses.replace(data_args, max_length=max_prompt_length, packing=False)
+    return build_stage_data(data_args, tokenizer, seed, "prompt")
 
 
 def build_preference_data(data_args, tokenizer, seed: int) -> StageData:

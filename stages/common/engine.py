@@ -151,17 +151,31 @@ class TrainingEngine:
         else:
             loss.backward()
 
+    def skip_backward(self) -> None:
+        """Instead of ``backward`` for a micro-batch whose loss is not finite (every rank must agree to skip).
+        The plain engine then drops the whole window's update; DeepSpeed gets an empty micro-step, so its
+        accumulation count stays aligned and the other micro-batches of the window still count."""
+        if self.ds_engine is not None:
+            self.ds_engine.backward(torch.zeros((), requires_grad=True), scale_wrt_gas=False)
+            self.ds_engine.step()
+        else:
+            self._skip_window = True
+
     def optimizer_step(self) -> float | None:
-        """End of an accumulation window: clip, step, schedule, zero grads. Returns the gradient norm."""
+        """End of an accumulation window: clip, step, schedule, zero grads. Returns the gradient norm, or None
+        when the update was skipped (a non-finite loss or gradient norm: the weights stay as they were)."""
         if self.ds_engine is not None:
             norm = self.ds_engine.get_global_grad_norm()
             return float(norm) if norm is not None else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
+        skip = getattr(self, "_skip_window", False) or not torch.isfinite(norm)
+        if not skip:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        self._skip_window = False
+        return None if skip else float(norm)
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -214,3 +228,21 @@ class TrainingEngine:
                 yield
         else:
             yield
+
+
+def frozen_model(model: nn.Module, ds_config: dict | None, dist: DistInfo):
+    """A model that only runs forwards (PPO's reference and reward models). Under ZeRO-3 it was partitioned
+    while loading, so it runs inside a DeepSpeed engine without an optimizer (ZeRO inference); otherwise it
+    is the plain model on this process's device."""
+    model.requires_grad_(False)
+    model.eval()
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+
+        config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        model.to(dist.device)
+    return model

@@ -73,17 +73,20 @@ def find_checkpoint(train_args) -> Path | None:
     return path
 
 
-def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None) -> Path:
-    """Written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint
-    that resume would pick up."""
+def atomic_checkpoint(output_dir: str, step: int, state: dict, keep: int | None, write: Callable[[Path], None]) -> Path:
+    """``write(directory)`` runs on every rank into a temporary directory that is renamed when complete, so
+    a crash never leaves a half checkpoint that resume would pick up. Keeps the newest ``keep``."""
+    from .distributed import is_main_process
+
     final = Path(output_dir) / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".tmp")
-    if engine.dist.is_main and partial.exists():
+    main = is_main_process()
+    if main and partial.exists():
         shutil.rmtree(partial)
     barrier()
-    engine.save_checkpoint(partial, client_state=state)
+    write(partial)
     barrier()
-    if engine.dist.is_main:
+    if main:
         (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -94,6 +97,10 @@ def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: d
                 shutil.rmtree(old)
     barrier()
     return final
+
+
+def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None) -> Path:
+    return atomic_checkpoint(output_dir, step, state, keep, lambda directory: engine.save_checkpoint(directory, client_state=state))
 
 
 def lockstep_batches(rows: list[dict], collate: Callable, micro_batch: int, dist: DistInfo):

@@ -1,0 +1,199 @@
+"""Stage 3: PPO rollouts with KL control against the reference (SFT) model.
+
+    tristage ppo --config configs/demo/ppo.yaml [key=value ...]
+
+Reads top to bottom: config -> prompts (validated before any model loads) -> the four roles -> for each
+iteration: this rank's prompts, make_experience (generate, score, KL-penalized rewards, GAE), the KL
+controller, ppo_update (clipped policy and value losses), metrics, checkpoint -> save actor, critic, EMA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from stages.common.backbone import check_backbone_args, load_tokenizer, parameter_counts
+from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
+from stages.common.data import build_prompt_data, build_sft_data
+from stages.common.distributed import all_reduce_sum, barrier, init_distributed
+from stages.common.engine import resolve_deepspeed_config
+from stages.common.errors import ConfigError
+from stages.common.loop import TRAINER_STATE, atomic_checkpoint, find_checkpoint
+from stages.common.plots import plot_curves
+from stages.common.tracking import RunTracker
+
+from .ema import ActorEMA
+from .kl import AdaptiveKLController, FixedKLController
+from .models import build_roles, check_ppo_args
+from .trainer import PtxBatches, make_experience, ppo_update
+
+TABLE_COLUMNS = ["score", "kl", "beta", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
+                 "response_length", "no_eos_rate", "tokens_per_second"]
+CURVES = ["score_raw", "score", "kl", "beta", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+          "explained_variance", "response_length", "no_eos_rate"]
+
+
+def iteration_prompts(num_prompts: int, iteration: int, rollout_batch_size: int, seed: int) -> list[int]:
+    """The prompts of an iteration: a stream of seeded permutations of all prompts, cut into rollout batches,
+    so iteration i's prompts depend only on i (resume needs no data cursor)."""
+    start, stop = iteration * rollout_batch_size, (iteration + 1) * rollout_batch_size
+    picks = []
+    for lap in range(start // num_prompts, (stop - 1) // num_prompts + 1):
+        order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 7919 + lap)).tolist()
+        lo, hi = max(start - lap * num_prompts, 0), min(stop - lap * num_prompts, num_prompts)
+        picks += order[lo:hi]
+    return picks
+
+
+def check_batch_sizes(ppo_args, train_args, world_size: int) -> int:
+    """Rollout rows per rank, which must split into whole minibatches."""
+    per_rank, remainder = divmod(ppo_args.rollout_batch_size, world_size)
+    minibatch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+    if remainder or per_rank % minibatch:
+        raise ConfigError(f"rollout_batch_size {ppo_args.rollout_batch_size} must split into {world_size} process(es) x whole "
+                          f"minibatches of per_device_train_batch_size x gradient_accumulation_steps = {minibatch}",
+                          key="rollout_batch_size")
+    return per_rank
+
+
+def kl_controller(ppo_args):
+    if ppo_args.adaptive_kl:
+        return AdaptiveKLController(ppo_args.init_kl_coef, ppo_args.kl_target, ppo_args.kl_horizon)
+    return FixedKLController(ppo_args.init_kl_coef)
+
+
+def assert_finite_weights(roles) -> None:
+    """No checkpoint may hold a NaN: the skip logic should make this impossible, and this makes sure."""
+    for name, engine in roles.engines.items():
+        for param in engine.module.parameters():
+            local = param.ds_tensor if hasattr(param, "ds_tensor") else param
+            if param.requires_grad and not torch.isfinite(local).all():
+                raise RuntimeError(f"PPO: the {name} has non-finite weights; refusing to save them")
+
+
+def save_models(roles, tokenizer, output_dir: Path, ema: ActorEMA | None, dist) -> None:
+    """Actor (full model or adapter stack), critic under critic/, EMA actor under ema/; gathered from
+    ZeRO-3 shards, so one process loads them."""
+    assert_finite_weights(roles)
+    actor_state = roles.actor.consolidated_state_dict() if roles.actor.zero_stage == 3 else None
+    critic_state = roles.critic.consolidated_state_dict() if roles.critic is not None and roles.critic.zero_stage == 3 else None
+    if dist.is_main:
+        roles.save_actor(output_dir, tokenizer, actor_state)
+        roles.save_critic(output_dir / "critic", tokenizer, critic_state)
+    if ema is not None:
+        with ema.swapped_in():
+            ema_state = roles.actor.consolidated_state_dict() if roles.actor.zero_stage == 3 else None
+            if dist.is_main:
+                roles.save_actor(output_dir / "ema", tokenizer, ema_state)
+    barrier()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, backbone_args, ppo_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["ppo"])
+    check_backbone_args(backbone_args, train_args, stage="ppo")
+    check_ppo_args(ppo_args, backbone_args, train_args)
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed))
+    per_rank = check_batch_sizes(ppo_args, train_args, dist.world_size)
+    set_seed(train_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    prompts = build_prompt_data(data_args, tokenizer, seed=train_args.seed, max_prompt_length=ppo_args.max_prompt_length).train
+    ptx_rows = []
+    if ppo_args.ptx_coef > 0:
+        ptx_rows = build_sft_data(dataclasses.replace(data_args, dataset=ppo_args.ptx_dataset, eval_dataset=None, val_size=0.0),
+                                  tokenizer, seed=train_args.seed).train
+    iterations = train_args.max_steps if train_args.max_steps > 0 else \
+        max(1, math.ceil(train_args.num_train_epochs * len(prompts) / ppo_args.rollout_batch_size))
+    micro, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
+    optimizer_steps = iterations * ppo_args.ppo_epochs * (per_rank // (micro * accumulation))
+    ds_config = resolve_deepspeed_config(train_args, dist)
+    if dist.is_main:
+        save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, train_args)
+
+    roles = build_roles(ppo_args, model_args, backbone_args, train_args, tokenizer, optimizer_steps, dist, ds_config)
+    trainable, total = parameter_counts(roles.actor.module)
+    ema = ActorEMA(roles.trainable_actor_parameters(), ppo_args.ema_decay) if ppo_args.ema_decay > 0 else None
+    ptx = PtxBatches(ptx_rows, micro, train_args.seed, tokenizer.pad_token_id) if ptx_rows else None
+    kl_ctl = kl_controller(ppo_args)
+
+    output_dir = Path(train_args.output_dir)
+    tracker = RunTracker(str(output_dir), train_args.report_to if dist.is_main else [], iterations, enabled=dist.is_main,
+                         title="ppo", columns=TABLE_COLUMNS)
+    tracker.message(
+        f"ppo: {backbone_args.finetuning_type}{' shared backbone' if ppo_args.shared_backbone else ''}, actor trains {trainable:,} "
+        f"of {total:,} parameters, {roles.models_in_memory} model(s) in memory, {len(prompts)} prompts, {iterations} iterations "
+        f"x {ppo_args.rollout_batch_size} rollouts, {dist.world_size} process(es), "
+        f"{'ZeRO-' + str(roles.actor.zero_stage) if ds_config else 'no DeepSpeed'}")
+
+    start_iteration = 0
+    checkpoint = find_checkpoint(train_args)
+    if checkpoint is not None:
+        state = {}
+        for name, engine in roles.engines.items():
+            state = engine.load_checkpoint(checkpoint / name) or state
+        start_iteration = int(state["iteration"])
+        if hasattr(kl_ctl, "load_state_dict") and state.get("kl_controller"):
+            kl_ctl.load_state_dict(state["kl_controller"])
+        if ema is not None:
+            ema.load_state_dict(torch.load(checkpoint / f"ema_rank{dist.rank}.pt", weights_only=False))
+        tracker.message(f"resumed from {checkpoint} at iteration {start_iteration}")
+
+    metrics: dict = {}
+    skipped_iterations = 0
+    for iteration in range(start_iteration, iterations):
+        picks = iteration_prompts(len(prompts), iteration, ppo_args.rollout_batch_size, train_args.seed)
+        rows = [prompts[i] for i in picks[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
+        beta = kl_ctl.beta
+        experience = make_experience(roles, tokenizer, rows, ppo_args, beta, micro, dist.device)
+        if experience is None:
+            skipped_iterations += 1
+            tracker.log(iteration + 1, {"skipped_iterations": skipped_iterations})
+            continue
+        train_started = time.time()
+        update = ppo_update(roles, experience, ppo_args, train_args, iteration, ema, ptx)
+        train_time = time.time() - train_started
+
+        rollout_stats = experience.stats
+        keys = [k for k in sorted(rollout_stats) if not k.endswith("_time")]
+        averaged = dict(zip(keys, all_reduce_sum([rollout_stats[k] for k in keys])))
+        generated_tokens = averaged.pop("generated_tokens")
+        metrics = {k: v / dist.world_size for k, v in averaged.items()}
+        kl_ctl.update(metrics["kl"], ppo_args.rollout_batch_size)  # Ziegler et al.: n = rollouts in this batch
+        metrics.update(update)
+        metrics.update({"beta": beta, "next_beta": kl_ctl.beta, "rollout_time": rollout_stats["rollout_time"], "train_time": train_time,
+                        "tokens_per_second": generated_tokens / max(rollout_stats["generation_time"], 1e-9),
+                        "learning_rate": roles.actor.learning_rate(), "skipped_iterations": skipped_iterations})
+        tracker.advance_to(iteration + 1, f"score {metrics['score']:.3f} kl {metrics['kl']:.3f}")
+        if (iteration + 1) % train_args.logging_steps == 0 or iteration + 1 == iterations:
+            tracker.log(iteration + 1, metrics)
+
+        if train_args.save_strategy != "no" and (iteration + 1) % train_args.save_steps == 0 and iteration + 1 < iterations:
+            assert_finite_weights(roles)
+            state = {"iteration": iteration + 1, "global_step": iteration + 1, "metrics": metrics,
+                     "kl_controller": kl_ctl.state_dict() if hasattr(kl_ctl, "state_dict") else None}
+
+            def write(directory: Path) -> None:
+                for name, engine in roles.engines.items():
+                    engine.save_checkpoint(directory / name, client_state=state)
+                if ema is not None:
+                    torch.save(ema.state_dict(), directory / f"ema_rank{dist.rank}.pt")
+                save_models(roles, tokenizer, directory / "model", None, dist)  # loadable by one process
+
+            atomic_checkpoint(str(output_dir), iteration + 1, state, train_args.save_total_limit, write)
+    tracker.close()
+
+    save_models(roles, tokenizer, output_dir, ema, dist)
+    final = {"global_step": iterations, "iterations": iterations, **metrics, "trainable_parameters": trainable,
+             "total_parameters": total, "skipped_iterations": skipped_iterations}
+    if dist.is_main:
+        plot_curves(output_dir / "metrics.jsonl", CURVES, output_dir / "training_curves.png", title=str(output_dir))
+        (output_dir / TRAINER_STATE).write_text(json.dumps(final, indent=2))
+    barrier()
+    tracker.message(f"ppo: saved to {output_dir}" + (f" (EMA actor in {output_dir / 'ema'})" if ema is not None else ""))
+    return final
