@@ -219,6 +219,24 @@ class TrainingEngine:
         return self.module.state_dict() if self.dist.is_main else None
 
     @contextmanager
+    def generation_model(self):
+        """The bare model ready for ``generate``. Under ZeRO-3 the shards are gathered once for the whole block
+        and DeepSpeed's fetch/release hooks are taken off meanwhile (TRL's helpers), so generation neither
+        all-gathers per token nor leaves the prefetcher with parameters in flight."""
+        if self.zero_stage != 3:
+            yield self.module
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            remove_hooks(self.ds_engine)
+            try:
+                yield self.module
+            finally:
+                add_hooks(self.ds_engine)
+
+    @contextmanager
     def gathered_parameters(self):
         """Every rank sees the full parameters inside this block (a no-op unless ZeRO-3)."""
         if self.zero_stage == 3:

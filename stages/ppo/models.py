@@ -86,7 +86,8 @@ def load_actor_model(model_args, backbone, train_args):
     from transformers import AutoModelForCausalLM
 
     path = model_args.model_name_or_path
-    sft_adapters = policy_adapters(path)
+    # a single SFT adapter is "sft" here (peft saves only non-default names in sub-directories of a stack)
+    sft_adapters = [("sft" if name == "default" else name, directory) for name, directory in policy_adapters(path)]
     model = load_pretrained(AutoModelForCausalLM, _with_path(model_args, adapter_base_path(path) or path), backbone, train_args)
     if backbone.finetuning_type == "full":
         if sft_adapters:
@@ -190,8 +191,8 @@ class SeparateRoles:
     def generation_model(self):
         """The actor with its ZeRO-3 shards gathered once for the whole rollout (not once per token)."""
         self.actor.train(False)
-        with self.actor.gathered_parameters():
-            yield self.actor.module
+        with self.actor.generation_model() as model:
+            yield model
 
     def actor_logits(self, inputs: dict) -> torch.Tensor:
         return self.actor.forward_model(**inputs, use_cache=False).logits

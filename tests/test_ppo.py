@@ -1,0 +1,316 @@
+"""Stage 3: PPO on the tiny test model, on CPU. The formulas are tested in test_ppo_math.py; here the
+trainer: log-probs, learning under a rule reward, KL control, the shared backbone, resume and NaN guards."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT, assert_ok, read_metrics, run_stage
+
+TINY_PPO = FIXTURES / "ppo_tiny.yaml"
+
+
+def ppo(*overrides, env=None, config=TINY_PPO):
+    return run_stage("ppo", *overrides, config=config, env=env)
+
+
+def test_prompts_come_from_every_kind_of_record(tiny_model):
+    from stages.common.backbone import load_tokenizer
+    from stages.common.config import DataArguments, ModelArguments
+    from stages.common.data import build_prompt_data
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
+    for name, last_user in [("alpaca_en_demo_sample.json", None), ("dpo_en_demo_sample.json", None),
+                            ("hh_rlhf_sample.jsonl", None), ("messages_sample.jsonl", None)]:
+        rows = build_prompt_data(DataArguments(dataset=[str(FIXTURES / name)]), tokenizer, seed=0, max_prompt_length=32).train
+        assert rows and all(r["prompt"][-1]["role"] == "user" for r in rows), name
+        assert all(0 < len(r["prompt_ids"]) <= 32 for r in rows)
+        # the prompt ends with the generation cue of the chat template (the longest prompts were cut from the left)
+        assert tokenizer.decode(rows[0]["prompt_ids"]).endswith("### Assistant:\n")
+
+
+def test_generated_logprobs_equal_an_unpadded_forward(tiny_model):
+    """Left padding + position ids from the mask: each row's log-probs match the row run on its own."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.common.backbone import load_tokenizer
+    from stages.common.config import ModelArguments, PPOArguments
+    from stages.ppo.rollout import (generate, generation_config, join, left_pad, response_logits, response_mask,
+                                    token_logprobs)
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in
+               ["How long is the warranty?", "Hi", "What color is the Willow chair and how much does it cost today?"]]
+    settings = PPOArguments(temperature=0.7, max_new_tokens=10)
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
+    assert prompt_mask[1].sum() < prompt_mask.shape[1]  # really padded
+    response = generate(model, prompt_ids, prompt_mask, generation_config(settings, tokenizer))
+    mask, _ = response_mask(response, tokenizer.eos_token_id)
+    with torch.no_grad():
+        batched = token_logprobs(response_logits(model(**join(prompt_ids, prompt_mask, response, mask)).logits,
+                                                 response.shape[1]), response, 0.7)
+        for row, prompt in enumerate(prompts):
+            tokens = response[row][mask[row].bool()]
+            alone = model(torch.tensor([prompt + tokens.tolist()])).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(alone / 0.7, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+            assert torch.allclose(batched[row][: len(tokens)], expected, atol=1e-5), row
+
+
+def test_rule_reward_rises_and_a_large_fixed_beta_stays_closer_to_the_reference(tmp_path, tiny_model):
+    free, tied = tmp_path / "free", tmp_path / "tied"
+    common = [f"model_name_or_path={tiny_model}", "rollout_batch_size=32", "max_steps=12"]
+    assert_ok(ppo(*common, f"output_dir={free}", "init_kl_coef=0.01"))
+    # the tied run also exercises the ptx mix and the EMA actor
+    assert_ok(ppo(*common, f"output_dir={tied}", "init_kl_coef=1.0", "ptx_coef=0.5",
+                  f"ptx_dataset={FIXTURES / 'alpaca_en_demo_sample.json'}", "ema_decay=0.9"))
+    free_metrics, tied_metrics = read_metrics(free), read_metrics(tied)
+    first = free_metrics[0]["score"]
+    last = sum(m["score"] for m in free_metrics[-3:]) / 3
+    assert last > 2 * first + 1.0, [m["score"] for m in free_metrics]
+    assert tied_metrics[-1]["kl"] < free_metrics[-1]["kl"] / 4
+    assert all("ptx_loss" in m and math.isfinite(m["ptx_loss"]) for m in tied_metrics)
+    for key in ("kl", "beta", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
+                "response_length", "no_eos_rate", "rollout_time", "train_time", "tokens_per_second", "score_raw"):
+        assert key in free_metrics[-1], key
+    assert (free / "training_curves.png").stat().st_size > 10_000
+    assert (free / "critic" / "model.safetensors").is_file()
+
+    from safetensors.torch import load_file
+
+    final, averaged = load_file(tied / "model.safetensors"), load_file(tied / "ema" / "model.safetensors")
+    assert any(not torch.equal(final[k], averaged[k]) for k in final)
+
+
+def test_missing_eos_penalty_and_reward_clip(tmp_path, tiny_model):
+    """With max_new_tokens=2 almost no response ends; the penalty moves the score by exactly -1 per such response."""
+    out = tmp_path / "short"
+    assert_ok(ppo(f"model_name_or_path={tiny_model}", f"output_dir={out}", "max_new_tokens=2", "max_steps=1",
+                  "missing_eos_penalty=1.0", "reward_clip=0.5", "init_kl_coef=0.0", "gamma=1.0", "lam=1.0",
+                  "whiten_advantages=false"))
+    metrics = read_metrics(out)[0]
+    # reward_total = mean over rollouts of (clip(score) - penalty * no_eos), beta = 0
+    assert metrics["no_eos_rate"] > 0.5
+    assert metrics["reward_total"] <= 0.5 - metrics["no_eos_rate"] + 1e-6
+
+
+@pytest.fixture(scope="module")
+def lora_stages(tmp_path_factory, tiny_model):
+    """An SFT LoRA adapter and a reward-model LoRA adapter, both on the tiny base."""
+    out = tmp_path_factory.mktemp("lora_stages")
+    sft, rm = out / "sft", out / "rm"
+    assert_ok(run_stage("sft", f"model_name_or_path={tiny_model}", f"output_dir={sft}", "finetuning_type=lora", "max_steps=6"))
+    pairs = out / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "chosen": f"Sure, {t} is nice. Thanks!", "rejected": "No."})
+                             + "\n" for t in ["tea", "the lamp", "a kettle", "my order", "shipping", "a refund", "the color", "a pillow"]))
+    assert_ok(run_stage("rm", f"model_name_or_path={tiny_model}", f"output_dir={rm}", "finetuning_type=lora", "max_steps=6",
+                        f"dataset={pairs}", config=FIXTURES / "rm_tiny.yaml"))
+    return sft, rm
+
+
+def test_shared_backbone_reference_and_reward_equal_the_standalone_models(lora_stages, tiny_model):
+    from torch import nn
+
+    from rewards.model import RewardScorer, load_reward_model
+    from stages.common.backbone import load_policy, load_tokenizer
+    from stages.common.config import STAGE_CONFIGS, parse_config
+    from stages.common.distributed import DistInfo
+    from stages.ppo.models import SharedRoles
+    from stages.ppo.rollout import join, left_pad, response_mask
+
+    sft, rm = lora_stages
+    model_args, _data, backbone, ppo_args, train_args = parse_config(
+        ["--config", str(TINY_PPO), f"model_name_or_path={sft}", f"reward_model={rm}", "critic_init=reward",
+         "finetuning_type=lora", "shared_backbone=true", "output_dir=/tmp/unused"], STAGE_CONFIGS["ppo"])
+    tokenizer = load_tokenizer(model_args)
+    roles = SharedRoles(ppo_args, model_args, backbone, train_args, tokenizer, steps=10, dist=DistInfo(0, 1, 0), ds_config=None)
+
+    # one base model: a single embedding table serves every role
+    embeddings = {id(m.weight) for m in roles.shared.modules() if isinstance(m, nn.Embedding)}
+    assert len(embeddings) == 1 and roles.models_in_memory == 1
+
+    # make the PPO adapter non-trivial, so "reference = PPO adapter off" is really tested
+    with torch.no_grad():
+        for name, param in roles.shared.named_parameters():
+            if ".ppo." in name and "lora_B" in name:
+                param.normal_(0, 0.5)
+    prompts = [tokenizer("Give three tips for staying healthy.", add_special_tokens=False)["input_ids"], [5, 6, 7]]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    response = torch.tensor([[11, 12, tokenizer.eos_token_id], [13, tokenizer.eos_token_id, tokenizer.pad_token_id]])
+    inputs = join(ids, mask, response, response_mask(response, tokenizer.eos_token_id)[0])
+    standalone = load_policy(str(sft)).eval()
+    with torch.no_grad():
+        expected = standalone(**inputs).logits
+    assert torch.allclose(roles.ref_logits(inputs), expected, atol=1e-5)
+    assert not torch.allclose(roles.actor_logits(inputs), expected, atol=1e-3)
+
+    prompt_messages = [[{"role": "user", "content": "Give three tips for staying healthy."}], [{"role": "user", "content": "Hi"}]]
+    responses = ["Eat well, sleep, move.", "Hello!"]
+    shared_raw, _ = roles.reward(prompt_messages, responses)
+    alone = RewardScorer(str(rm), model=load_reward_model(str(rm)), tokenizer=tokenizer).score(prompt_messages, responses)
+    assert shared_raw.tolist() == pytest.approx(alone, abs=1e-5)
+    # the critic starts as the reward model: same adapter, same head
+    values = roles.values(inputs)
+    assert torch.isfinite(values).all() and values.abs().sum() > 0
+
+
+def test_shared_backbone_ppo_runs_and_saves_a_loadable_adapter_stack(tmp_path, lora_stages):
+    from stages.common.backbone import POLICY_STACK_FILE, load_policy
+
+    sft, rm = lora_stages
+    out = tmp_path / "shared"
+    result = ppo(f"model_name_or_path={sft}", f"reward_model={rm}", "critic_init=reward", "finetuning_type=lora",
+                 "shared_backbone=true", f"output_dir={out}", "max_steps=2", "reward_normalize=true")
+    assert_ok(result)
+    assert "1 model(s) in memory" in result.stdout + result.stderr
+    assert json.loads((out / POLICY_STACK_FILE).read_text())["adapters"] == ["sft", "ppo"]
+    policy = load_policy(str(out))
+    assert set(policy.peft_config) == {"sft", "ppo"}
+    assert all(math.isfinite(m["score"]) for m in read_metrics(out))
+
+
+def test_zero3_ppo_on_two_processes_saves_checkpoints_one_process_loads(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "zero3"
+    result = ppo(f"model_name_or_path={tiny_model}", f"output_dir={out}", "max_steps=2", "save_strategy=steps", "save_steps=1",
+                 f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}", "per_device_train_batch_size=4",
+                 env={"NPROC": "2", "MASTER_PORT": "29537"})
+    assert_ok(result)
+    assert "2 process(es), ZeRO-3" in result.stdout + result.stderr
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    for directory in (out / "checkpoint-1" / "model", out):
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    assert any(not torch.equal(a, b) for a, b in zip(reference.parameters(), trained.parameters()))
+
+
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, tiny_model):
+    common = [f"model_name_or_path={tiny_model}", "max_steps=6", "save_strategy=steps", "save_steps=2", "adaptive_kl=true",
+              "kl_target=0.5", "kl_horizon=100", "ema_decay=0.5"]
+    straight = tmp_path / "straight"
+    assert_ok(ppo(*common, f"output_dir={straight}"))
+
+    killed = tmp_path / "killed"
+    command = [str(ROOT / "launch" / "run_stage.sh"), "ppo", "--config", str(TINY_PPO), *common, f"output_dir={killed}"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**__import__("os").environ, "PYTHON": sys.executable, "NUM_GPUS": "0"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-2").is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    __import__("os").killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (killed / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (killed / "trainer_state.json").exists()  # it really died before finishing
+
+    result = ppo(*common, f"output_dir={killed}", "resume_from_checkpoint=true")
+    assert_ok(result)
+    assert "resumed from" in result.stdout + result.stderr
+    done = {m["step"]: m for m in read_metrics(straight)}
+    resumed = {m["step"]: m for m in read_metrics(killed)}
+    for key in ("score", "kl", "beta", "next_beta", "policy_loss", "value_loss", "approx_kl", "entropy"):
+        assert resumed[6][key] == pytest.approx(done[6][key], rel=1e-5, abs=1e-7), key
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "ema/model.safetensors"):
+        a, b = load_file(straight / name), load_file(killed / name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+def run_in_process(tmp_path, tiny_model, *overrides):
+    from stages.ppo.train import main
+
+    out = tmp_path / "run"
+    main(["--config", str(TINY_PPO), f"model_name_or_path={tiny_model}", f"output_dir={out}", "max_steps=3",
+          "save_strategy=steps", "save_steps=1", *overrides])
+    return out
+
+
+def assert_checkpoints_finite(out):
+    from safetensors.torch import load_file
+
+    files = list(out.glob("checkpoint-*/model/model.safetensors")) + [out / "model.safetensors"]
+    assert len(files) >= 2
+    for file in files:
+        assert all(torch.isfinite(t).all() for t in load_file(file).values()), file
+
+
+def test_a_nan_reward_skips_the_iteration(tmp_path, tiny_model, monkeypatch):
+    from rewards import rules
+
+    calls = {"n": 0}
+
+    def sometimes_nan(prompt, response):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 20 else float(response.count("e"))  # one response of iteration 2
+
+    monkeypatch.setitem(rules.RULES, "sometimes_nan", sometimes_nan)
+    with pytest.warns(UserWarning, match="iteration is skipped"):
+        out = run_in_process(tmp_path, tiny_model, "reward_model=rule:sometimes_nan")
+    metrics = read_metrics(out)
+    assert metrics[-1]["skipped_iterations"] == 1
+    assert all(math.isfinite(m.get("score", 0.0)) for m in metrics)
+    assert_checkpoints_finite(out)
+
+
+def test_a_nan_loss_skips_the_update(tmp_path, tiny_model, monkeypatch):
+    from stages.ppo import trainer
+
+    real, calls = trainer.policy_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
+
+    monkeypatch.setattr(trainer, "policy_loss", poisoned)
+    with pytest.warns(UserWarning, match="non-finite policy loss"):
+        out = run_in_process(tmp_path, tiny_model)
+    assert sum(m["skipped_updates"] for m in read_metrics(out)) == 1
+    assert_checkpoints_finite(out)
+
+
+def test_remote_reward_server_round_trip():
+    import threading
+
+    from rewards.remote import RemoteReward, RemoteRewardError, make_server
+    from rewards.sources import build_reward
+
+    local = build_reward(["rule:gold_judge"])
+    server = make_server(lambda prompts, responses: local(prompts, responses)[1].tolist(), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/score"
+        prompts = [[{"role": "user", "content": "What color is the Willow chair?"}]] * 2
+        responses = ["It is green. Thank you for asking!", "No idea"]
+        remote = build_reward([url, "rule:gold_judge"], [1.0, -1.0])  # remote minus local: zero
+        raw, normalized = remote(prompts, responses)
+        assert raw.tolist() == [0.0, 0.0] and normalized.tolist() == [0.0, 0.0]
+        assert RemoteReward(url)(prompts, responses) == local(prompts, responses)[0].tolist()
+    finally:
+        server.shutdown()
+    with pytest.raises(RemoteRewardError, match="failed after 1 attempts"):
+        RemoteReward("http://127.0.0.1:9/none", timeout=1, retries=1)(prompts, responses)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["rollout_batch_size=12"], "rollout_batch_size"),
+    (["shared_backbone=true"], "shared_backbone"),
+    (["critic_init=reward"], "critic_init"),
+    (["reward_model=rule:nope"], "reward_model"),
+    (["kl_estimator=k2"], "kl_estimator"),
+])
+def test_bad_ppo_settings_fail_before_training(tiny_model, tmp_path, override, key):
+    result = ppo(f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'bad'}", *override)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert key in result.stderr
