@@ -313,4 +313,4 @@ def test_remote_reward_server_round_trip():
 def test_bad_ppo_settings_fail_before_training(tiny_model, tmp_path, override, key):
     result = ppo(f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'bad'}", *override)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert key in result.stderr
+    assert key in result.stdout + result.stderr
