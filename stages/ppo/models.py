@@ -62,6 +62,15 @@ def check_ppo_args(ppo_args, backbone, train_args) -> None:
     if ppo_args.shared_backbone and train_args.deepspeed:
         raise ConfigError("the shared backbone is the single-device memory saver; under DeepSpeed use separate models "
                           "(shared_backbone: false)", key="shared_backbone")
+    from rewards.sources import RuleSource
+
+    for spec in ppo_args.reward_model or []:
+        if spec.startswith("rule:"):
+            RuleSource(spec)  # raises for an unknown rule
+        elif is_model_source(spec) and not Path(spec).is_dir():
+            raise ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an http(s) URL", key="reward_model")
+    if not ppo_args.reward_model:
+        raise ConfigError("no reward given: a reward model directory, rule:NAME or an http(s) URL", key="reward_model")
     if ppo_args.critic_init not in ("reward", "actor"):
         raise ConfigError("must be reward or actor", key="critic_init")
     if ppo_args.critic_init == "reward" and first_model_source(ppo_args) is None:
@@ -74,8 +83,6 @@ def check_ppo_args(ppo_args, backbone, train_args) -> None:
         raise ConfigError("ptx_coef > 0 needs ptx_dataset", key="ptx_dataset")
     if not 0.0 <= ppo_args.ema_decay < 1.0:
         raise ConfigError("must be in [0, 1)", key="ema_decay")
-    if train_args.gradient_checkpointing and ppo_args.shared_backbone is False and backbone.finetuning_type == "full":
-        pass  # fine: checkpointed forwards recompute with the same weights
 
 
 # ------------------------------------------------------------------------------------ loading pieces
