@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a tristage stage on this machine or a cluster.
 #
-#   launch/run_stage.sh sft|rm|ppo|score|export|demo|reward-server [--config FILE] [key=value | --key value ...]
+#   launch/run_stage.sh sft|rm|ppo|eval|all|score|export|demo|reward-server [--config FILE] [key=value | --key value ...]
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
 # first, with no download). The launcher is picked from the hardware:
@@ -21,13 +21,14 @@ STAGE="${1:-}"
 [ -n "$STAGE" ] || { usage; exit 2; }
 shift
 case "$STAGE" in
-  sft|rm|ppo) ;;
+  sft|rm|ppo|eval) ;;
   score) exec "$PYTHON" -m stages.cli score "$@" ;;
   export) exec "$PYTHON" -m stages.cli export "$@" ;;
   reward-server) exec "$PYTHON" -m stages.cli reward-server "$@" ;;
+  all) exec "$PYTHON" -m stages.cli all "$@" ;;
   demo) exec "$PYTHON" -m stages.cli demo --out "${DEMO_DIR:-runs/demo}" "$@" ;;
   -h|--help|help) usage; exit 0 ;;
-  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, score, export, demo, reward-server)" >&2; exit 2 ;;
+  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, eval, all, score, export, demo, reward-server)" >&2; exit 2 ;;
 esac
 
 CONFIG=""
@@ -63,6 +64,7 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 if [ "$NUM_GPUS" -gt 0 ]; then NPROC="${NPROC:-$NUM_GPUS}"; else NPROC="${NPROC:-1}"; fi
+if [ "$STAGE" = "eval" ]; then NPROC=1; NNODES=1; fi  # eval samples in one process
 
 STAGE_ARGS=(--config "$CONFIG" "${ARGS[@]}")
 if [ "$NUM_GPUS" -gt 0 ] && [ -n "$DS_CONFIG" ]; then

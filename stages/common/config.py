@@ -139,6 +139,31 @@ class PPOArguments:
 
 
 @dataclass
+class EvalArguments:
+    """Compare models on held-out prompts with the same sampling settings and seeds (stages/eval)."""
+
+    models: list[str] = field(default=None, metadata={"help": "Model directories: full, adapter, adapter stack or exported."})
+    model_names: list[str] | None = field(default=None, metadata={"help": "Display names, one per model; default: directory names."})
+    reference_model: str | None = field(default=None, metadata={"help": "KL is measured against this model; default: the first."})
+    judges: list[str] = field(default_factory=lambda: ["rule:gold_judge"], metadata={
+        "help": "Reward-model directories, rule:NAME, or http(s) URLs; each scores every response."})
+    judge_normalize: bool = field(default=False, metadata={"help": "Report reward-model scores normalized by reward_stats.json."})
+    samples_per_prompt: int = field(default=4, metadata={"help": "Responses per prompt and model (paired across models by index)."})
+    temperature: float = field(default=1.0, metadata={"help": "0 = greedy."})
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    max_prompt_length: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    bootstrap_samples: int = 2000
+    num_examples: int = field(default=3, metadata={"help": "Side-by-side examples in the report."})
+    export_pairs: str | None = field(default=None, metadata={
+        "help": "Write every (prompt, response A, response B) pair, A/B order randomized, as jsonl for collect."})
+    output_dir: str = field(default="runs/eval", metadata={"help": "eval_report.json, eval_report.png, responses.jsonl go here."})
+
+
+@dataclass
 class TrainArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the few knobs tristage's own loop adds."""
 
@@ -257,4 +282,5 @@ STAGE_CONFIGS: dict[str, tuple[type, ...]] = {
     "sft": (ModelArguments, DataArguments, BackboneArguments, TrainArguments),
     "rm": (ModelArguments, DataArguments, BackboneArguments, RewardArguments, TrainArguments),
     "ppo": (ModelArguments, DataArguments, BackboneArguments, PPOArguments, TrainArguments),
+    "eval": (DataArguments, EvalArguments),
 }

@@ -1,0 +1,242 @@
+"""Compare two or more models on held-out prompts: SFT-only vs RLHF by default.
+
+    tristage eval --config configs/demo/eval.yaml [key=value ...]
+
+Reads top to bottom: config -> prompts -> for each model: the same seeded sampling of every prompt,
+its KL to the reference model -> every judge scores every response -> means with bootstrap CIs, pairwise
+win rates (paired by prompt and sample index, ties count half), length and no-EOS rate -> a rich table,
+eval_report.json, eval_report.png, responses.jsonl, and optionally the pairs for human annotators.
+
+All built-in judges score one response at a time, so the order in which two responses are shown cannot
+matter to them; the exported pairs for humans are shown in a randomized A/B order.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rewards.sources import build_source
+from stages.common.backbone import load_policy, load_tokenizer
+from stages.common.config import STAGE_CONFIGS, ModelArguments, parse_config
+from stages.common.data import build_prompt_data
+from stages.common.errors import ConfigError
+from stages.ppo.rollout import generate, generation_config, join, left_pad, response_logits, response_mask, token_logprobs
+
+from .stats import mean_with_ci, win_rate_with_ci
+
+REPORT_FILE, FIGURE_FILE, RESPONSES_FILE = "eval_report.json", "eval_report.png", "responses.jsonl"
+
+
+def model_names(eval_args) -> list[str]:
+    if eval_args.model_names:
+        if len(eval_args.model_names) != len(eval_args.models):
+            raise ConfigError(f"{len(eval_args.model_names)} name(s) for {len(eval_args.models)} model(s)", key="model_names")
+        return list(eval_args.model_names)
+    names = [Path(m).name or m for m in eval_args.models]
+    return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
+
+
+def check_eval_args(eval_args) -> None:
+    if not eval_args.models or len(eval_args.models) < 1:
+        raise ConfigError("give the models to compare (two or more directories)", key="models")
+    for path in eval_args.models + ([eval_args.reference_model] if eval_args.reference_model else []):
+        if not Path(path).is_dir():
+            raise ConfigError(f"{path!r} is not a model directory", key="models")
+    if eval_args.samples_per_prompt < 1:
+        raise ConfigError("must be >= 1", key="samples_per_prompt")
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[dict], eval_args) -> dict:
+    """Every prompt x samples_per_prompt, batch by batch; batch b is sampled after seeding with seed + b, so
+    every model sees the same random numbers (identical models give identical responses)."""
+    rows = [p for p in prompts for _ in range(eval_args.samples_per_prompt)]
+    config = generation_config(eval_args, tokenizer, greedy=eval_args.temperature <= 0)
+    device = next(model.parameters()).device
+    responses, masks, prompt_batches = [], [], []
+    for b, start in enumerate(range(0, len(rows), eval_args.batch_size)):
+        batch = rows[start : start + eval_args.batch_size]
+        ids, mask = left_pad([r["prompt_ids"] for r in batch], tokenizer.pad_token_id)
+        torch.manual_seed(eval_args.seed + b)
+        response = generate(model, ids.to(device), mask.to(device), config).cpu()
+        responses.append(response)
+        masks.append(response_mask(response, tokenizer.eos_token_id))
+        prompt_batches.append((ids, mask))
+    texts, lengths, ended = [], [], []
+    for response, (mask, done) in zip(responses, masks):
+        texts += tokenizer.batch_decode([r[m.bool()] for r, m in zip(response, mask)], skip_special_tokens=True)
+        lengths += mask.sum(dim=1).tolist()
+        ended += done.tolist()
+    return {"texts": texts, "lengths": lengths, "ended": ended, "batches": list(zip(prompt_batches, responses, [m for m, _ in masks]))}
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batches, temperature: float) -> list[float]:
+    """Summed log-probs of each sampled response under ``model`` (at the sampling temperature)."""
+    temperature = temperature if temperature > 0 else 1.0
+    device = next(model.parameters()).device
+    totals = []
+    for (ids, mask), response, resp_mask in batches:
+        inputs = {k: v.to(device) for k, v in join(ids, mask, response, resp_mask).items()}
+        logits = response_logits(model(**inputs).logits, response.shape[1])
+        logprobs = token_logprobs(logits, response.to(device), temperature) * resp_mask.to(device)
+        totals += logprobs.sum(dim=1).tolist()
+    return totals
+
+
+def score_with_judges(judges: list[str], prompt_messages: list[list[dict]], texts: list[str], normalize: bool) -> dict[str, list[float]]:
+    scores = {}
+    for spec in judges:
+        raw, normalized = build_source(spec, normalize)(prompt_messages, texts)
+        scores[spec] = normalized if normalize else raw
+    return scores
+
+
+def plot_report(report: dict, scores: dict, judge: str, out_file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.boxplot([np.ravel(scores[name][judge]) for name in names], showmeans=True)
+    left.set_xticks(range(1, len(names) + 1), names)
+    left.set_title(f"score distribution ({judge})", fontsize=9)
+    for name in names:
+        model = report["models"][name]
+        mean, lo, hi = model["judges"][judge]["mean"], *model["judges"][judge]["ci"]
+        kl = model["kl_to_reference"]["mean"]
+        right.errorbar([kl], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=4, label=name)
+    right.set_xlabel("KL to reference (nats per response)")
+    right.set_ylabel(f"mean {judge}")
+    right.set_title("reward vs KL", fontsize=9)
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_file, dpi=110)
+    plt.close(figure)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    judges = report["settings"]["judges"]
+    table = Table(title=f"eval: {report['settings']['num_prompts']} prompts x {report['settings']['samples_per_prompt']} samples",
+                  header_style="bold")
+    table.add_column("model")
+    for judge in judges:
+        table.add_column(f"{judge} (95% CI)", justify="right")
+    for column in ("KL to ref", "length", "no EOS"):
+        table.add_column(column, justify="right")
+    for name, model in report["models"].items():
+        cells = [f"{model['judges'][j]['mean']:.3f} [{model['judges'][j]['ci'][0]:.3f}, {model['judges'][j]['ci'][1]:.3f}]" for j in judges]
+        table.add_row(name, *cells, f"{model['kl_to_reference']['mean']:.2f}", f"{model['response_length']:.1f}",
+                      f"{100 * model['no_eos_rate']:.0f}%")
+    console.print(table)
+    wins = Table(title="pairwise win rates (ties count half)", header_style="bold")
+    for column in ("A", "B", "judge", "A wins (95% CI)"):
+        wins.add_column(column)
+    for row in report["win_rates"]:
+        wins.add_row(row["a"], row["b"], row["judge"], f"{100 * row['win_rate']:.1f}% [{100 * row['ci'][0]:.1f}, {100 * row['ci'][1]:.1f}]")
+    console.print(wins)
+    for example in report["examples"]:
+        console.print(f"[bold]prompt:[/bold] {example['prompt']}", highlight=False, markup=True)
+        for name, text in example["responses"].items():
+            console.print(f"  [cyan]{name}[/cyan]: {text}", highlight=False)
+
+
+def export_pairs(path: str, prompts: list[dict], names: list[str], texts: dict, samples: int, seed: int) -> int:
+    """Every pair of models' responses to the same prompt and sample index, A/B order randomized."""
+    rng = random.Random(seed)
+    count = 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for a, b in itertools.combinations(names, 2):
+            for i, prompt in enumerate(prompts):
+                for s in range(samples):
+                    k = i * samples + s
+                    first, second = (a, b) if rng.random() < 0.5 else (b, a)
+                    f.write(json.dumps({"id": f"{a}|{b}|{k}", "prompt": prompt["prompt"], "response_a": texts[first][k],
+                                        "response_b": texts[second][k], "source_a": first, "source_b": second},
+                                       ensure_ascii=False) + "\n")
+                    count += 1
+    return count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    data_args, eval_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["eval"])
+    check_eval_args(eval_args)
+    names = model_names(eval_args)
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=eval_args.models[0]))
+    prompts = build_prompt_data(data_args, tokenizer, seed=eval_args.seed, max_prompt_length=eval_args.max_prompt_length).train
+    for spec in eval_args.judges:  # fail on a bad judge now, not after sampling
+        if not (spec.startswith("rule:") or spec.startswith("http")) and not Path(spec).is_dir():
+            raise ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an http(s) URL", key="judges")
+    out = Path(eval_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    samples = {}
+    reference = load_policy(eval_args.reference_model or eval_args.models[0]).eval()
+    for name, path in zip(names, eval_args.models):
+        model = load_policy(path).eval()
+        print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path})", flush=True)
+        samples[name] = sample_responses(model, tokenizer, prompts, eval_args)
+        own = sequence_logprobs(model, samples[name]["batches"], eval_args.temperature)
+        ref = sequence_logprobs(reference, samples[name]["batches"], eval_args.temperature)
+        samples[name]["kl"] = [a - b for a, b in zip(own, ref)]  # E_model[log model - log ref] = KL(model || ref)
+        del model
+
+    shape = (len(prompts), eval_args.samples_per_prompt)
+    prompt_messages = [p["prompt"] for p in prompts for _ in range(eval_args.samples_per_prompt)]
+    scores = {name: {judge: np.array(values).reshape(shape) for judge, values in
+                     score_with_judges(eval_args.judges, prompt_messages, samples[name]["texts"], eval_args.judge_normalize).items()}
+              for name in names}
+
+    rounds, seed = eval_args.bootstrap_samples, eval_args.seed
+    report = {"settings": {**asdict(eval_args), "model_names": names, "num_prompts": len(prompts), "datasets": data_args.dataset},
+              "models": {}, "win_rates": [], "examples": []}
+    for name, path in zip(names, eval_args.models):
+        kl = np.array(samples[name]["kl"]).reshape(shape)
+        report["models"][name] = {
+            "path": path,
+            "judges": {j: dict(zip(("mean", "ci"), _split(mean_with_ci(scores[name][j], rounds, seed)))) for j in eval_args.judges},
+            "kl_to_reference": dict(zip(("mean", "ci"), _split(mean_with_ci(kl, rounds, seed)))),
+            "response_length": float(np.mean(samples[name]["lengths"])),
+            "no_eos_rate": float(1.0 - np.mean(samples[name]["ended"])),
+        }
+    for earlier, later in itertools.combinations(names, 2):  # e.g. how often RLHF beats SFT-only
+        for judge in eval_args.judges:
+            rate, lo, hi = win_rate_with_ci(scores[later][judge], scores[earlier][judge], rounds, seed)
+            report["win_rates"].append({"a": later, "b": earlier, "judge": judge, "win_rate": rate, "ci": [lo, hi]})
+    for i in range(min(eval_args.num_examples, len(prompts))):
+        k = i * eval_args.samples_per_prompt
+        report["examples"].append({"prompt": prompts[i]["prompt"][-1]["content"],
+                                   "responses": {n: samples[n]["texts"][k] for n in names}})
+
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    with open(out / RESPONSES_FILE, "w", encoding="utf-8") as f:
+        for name in names:
+            for k, text in enumerate(samples[name]["texts"]):
+                f.write(json.dumps({"model": name, "prompt": prompt_messages[k], "response": text,
+                                    **{j: float(scores[name][j].flat[k]) for j in eval_args.judges}}, ensure_ascii=False) + "\n")
+    plot_report(report, scores, eval_args.judges[0], out / FIGURE_FILE)
+    if eval_args.export_pairs:
+        count = export_pairs(eval_args.export_pairs, prompts, names, {n: samples[n]["texts"] for n in names},
+                             eval_args.samples_per_prompt, seed)
+        print(f"[tristage] eval: {count} pairs for annotators in {eval_args.export_pairs}")
+    print_report(report)
+    print(f"[tristage] eval: report in {out / REPORT_FILE}, figure in {out / FIGURE_FILE}")
+    return report
+
+
+def _split(triple: tuple[float, float, float]) -> tuple[float, list[float]]:
+    return triple[0], [triple[1], triple[2]]

@@ -1,0 +1,141 @@
+"""``launch/run_stage.sh all``: SFT -> RM -> PPO -> eval, each stage reading the previous one's output.
+
+    launch/run_stage.sh all [--config-dir DIR] [--run-dir DIR] [--force] [--stages sft,rm,...] [overrides]
+
+Each stage runs through ``launch/run_stage.sh`` (so it gets its launcher: torchrun, deepspeed, or a plain
+process) with ``DIR/<stage>.yaml``. A stage whose finished output already exists (``trainer_state.json``, or
+``eval_report.json`` for eval) is skipped unless ``--force``. Overrides: ``rm.learning_rate=1e-4`` goes to
+one stage; an unprefixed ``seed=1`` goes to every stage that has the key.
+
+``--run-dir R`` puts every stage's output under R (R/sft, R/rm, R/ppo, R/eval) and rewrites the later
+stages' references to the earlier outputs to match, so several runs (seeds, settings) of the same config
+folder live side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.common.config import STAGE_CONFIGS, load_yaml, parse_config
+from stages.common.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ["sft", "rm", "ppo", "eval"]
+FINISHED_MARKER = {"sft": "trainer_state.json", "rm": "trainer_state.json", "ppo": "trainer_state.json", "eval": "eval_report.json"}
+
+
+def stage_keys(stage: str) -> set[str]:
+    return {f.name for cls in STAGE_CONFIGS[stage] for f in dataclasses.fields(cls)}
+
+
+def split_overrides(overrides: list[str], stages: list[str]) -> dict[str, list[str]]:
+    """``stage.key=value`` to that stage; ``key=value`` to each stage that knows the key."""
+    routed: dict[str, list[str]] = {s: [] for s in stages}
+    for item in overrides:
+        key, _, value = item.lstrip("-").partition("=")
+        stage, dot, bare = key.partition(".")
+        if dot and stage in PIPELINE:
+            if stage in routed:
+                routed[stage].append(f"{bare}={value}")
+            continue
+        takers = [s for s in stages if key in stage_keys(s)]
+        if not takers:
+            raise ConfigError(f"no stage of the pipeline has the key {key!r}", key=key)
+        for s in takers:
+            routed[s].append(f"{key}={value}")
+    return routed
+
+
+def relocate(values: dict, moves: dict[str, str]) -> dict:
+    """Replace references to a moved output directory (exact, or as a path prefix) in string values."""
+    def move(value):
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str):
+            for old, new in moves.items():
+                if value == old or value.startswith(old.rstrip("/") + "/"):
+                    return new + value[len(old.rstrip("/")):]
+        return value
+
+    return {k: move(v) for k, v in values.items()}
+
+
+def output_dir(stage: str, config_file: Path, overrides: list[str]) -> Path:
+    configs = parse_config(["--config", str(config_file), *overrides], STAGE_CONFIGS[stage])
+    return Path(next(c.output_dir for c in configs if hasattr(c, "output_dir")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run_stage.sh all", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-dir", default=str(ROOT / "configs" / "demo"), help="holds sft.yaml, rm.yaml, ppo.yaml, eval.yaml")
+    parser.add_argument("--run-dir", default=None, help="put every stage's output under this directory")
+    parser.add_argument("--force", action="store_true", help="redo stages whose output already exists")
+    parser.add_argument("--stages", default=",".join(PIPELINE), help="a subset, in pipeline order")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    stages = [s for s in PIPELINE if s in args.stages.split(",")]
+    config_dir = Path(args.config_dir)
+    for stage in stages:
+        if not (config_dir / f"{stage}.yaml").is_file():
+            raise ConfigError(f"{config_dir / (stage + '.yaml')} does not exist", key="config-dir")
+    routed = split_overrides(overrides, stages)
+
+    config_files = {s: config_dir / f"{s}.yaml" for s in stages}
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        (run_dir / "configs").mkdir(parents=True, exist_ok=True)
+        raw = {s: load_yaml(str(config_dir / f"{s}.yaml")) for s in PIPELINE if (config_dir / f"{s}.yaml").is_file()}
+        moves = {values["output_dir"]: str(run_dir / s) for s, values in raw.items() if "output_dir" in values}
+        for s in stages:
+            config_files[s] = run_dir / "configs" / f"{s}.yaml"
+            config_files[s].write_text(yaml.safe_dump(relocate(raw[s], moves), sort_keys=False, allow_unicode=True))
+
+    env = dict(os.environ)
+    if config_dir.resolve() == (ROOT / "configs" / "demo").resolve():
+        subprocess.run([str(ROOT / "launch" / "run_stage.sh"), "demo"], check=True, env=env)
+    summary = []
+    for stage in stages:
+        out = output_dir(stage, config_files[stage], routed[stage])
+        if (out / FINISHED_MARKER[stage]).is_file() and not args.force:
+            print(f"[tristage] all: {stage} already finished in {out} (skipped; --force redoes it)", flush=True)
+            summary.append((stage, out, "skipped", 0.0))
+            continue
+        if args.force and (out / FINISHED_MARKER[stage]).is_file():
+            (out / FINISHED_MARKER[stage]).unlink()  # a later failure must not leave it looking finished
+        print(f"[tristage] all: running {stage} -> {out}", flush=True)
+        started = time.time()
+        code = subprocess.run([str(ROOT / "launch" / "run_stage.sh"), stage, "--config", str(config_files[stage]), *routed[stage]],
+                              env=env).returncode
+        summary.append((stage, out, "ran" if code == 0 else f"failed ({code})", time.time() - started))
+        if code != 0:
+            print_summary(summary)
+            return code
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tristage all", header_style="bold")
+    for column in ("stage", "output", "status", "time"):
+        table.add_column(column)
+    for stage, out, status, seconds in summary:
+        table.add_row(stage, str(out), status, f"{seconds:.0f} s" if seconds else "")
+    Console().print(table)
+    for stage, out, status, _ in summary:
+        if stage == "eval" and (out / "eval_report.json").is_file():
+            if status == "skipped":  # eval printed its tables when it ran; show them again
+                import json
+
+                from stages.eval.compare import print_report
+
+                print_report(json.loads((out / "eval_report.json").read_text()))
+            print(f"eval report: {out / 'eval_report.json'} (figure: {out / 'eval_report.png'})")
