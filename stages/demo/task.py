@@ -8,7 +8,6 @@ setup of Gao et al., "Scaling laws for reward model overoptimization".
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -27,10 +26,15 @@ PRODUCTS = [
 
 ATTRIBUTES = {
     # attribute: (question templates, answer template)
-    "price": (["What is the price of the {name}?", "How much does the {name} cost?"], "The {name} costs ${value}."),
-    "color": (["What color is the {name}?", "Which color does the {name} come in?"], "The {name} is {value}."),
+    # Four phrasings per attribute: a held-out question is a product/phrasing combination no stage trained
+    # on, while every phrasing and every fact is seen elsewhere.
+    "price": (["What is the price of the {name}?", "How much does the {name} cost?", "How much is the {name}?",
+               "What does the {name} sell for?"], "The {name} costs ${value}."),
+    "color": (["What color is the {name}?", "Which color does the {name} come in?", "What colour is the {name}?",
+               "Tell me the color of the {name}."], "The {name} is {value}."),
     "warranty": (
-        ["How long is the warranty on the {name}?", "What warranty does the {name} have?"],
+        ["How long is the warranty on the {name}?", "What warranty does the {name} have?",
+         "How many years of warranty come with the {name}?", "Is the {name} under warranty, and for how long?"],
         "The {name} has a {value} year warranty.",
     ),
 }
@@ -65,12 +69,20 @@ def all_questions() -> list[Question]:
     ]
 
 
-def split_questions(seed: int = 0, eval_fraction: float = 0.25) -> tuple[list[Question], list[Question]]:
-    """Held-out questions are new phrasings of facts the model has seen, so eval tests the policy, not recall."""
-    questions = all_questions()
-    random.Random(seed).shuffle(questions)
-    cut = math.ceil(len(questions) * eval_fraction)
-    return questions[cut:], questions[:cut]
+def split_questions(seed: int = 0) -> tuple[list[Question], list[Question]]:
+    """One phrasing of every fact is held out (a quarter of the questions): eval asks about facts the models
+    have seen, in a wording no stage trained on for that product, so it tests the policy, not recall."""
+    rng = random.Random(seed)
+    train, held_out = [], []
+    by_fact: dict[tuple[str, str], list[Question]] = {}
+    for question in all_questions():
+        by_fact.setdefault((question.product, question.attribute), []).append(question)
+    for questions in by_fact.values():
+        pick = rng.randrange(len(questions))
+        held_out.append(questions[pick])
+        train += [q for i, q in enumerate(questions) if i != pick]
+    rng.shuffle(train)
+    return train, held_out
 
 
 def response(question: Question, *, right_fact: bool = True, polite: bool = True, ramble: bool = False, rng=None) -> str:
@@ -88,7 +100,7 @@ def response(question: Question, *, right_fact: bool = True, polite: bool = True
 
 
 # Demonstration quality mix: (probability, right_fact, polite, ramble)
-DEMO_MIX = [(0.45, True, True, False), (0.2, True, False, False), (0.2, False, True, False), (0.15, True, True, True)]
+DEMO_MIX = [(0.35, True, True, False), (0.3, True, False, False), (0.15, False, True, False), (0.2, True, True, True)]
 
 
 def sample_response(question: Question, rng: random.Random) -> str:

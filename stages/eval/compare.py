@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps({"model": name, "prompt": prompt_messages[k], "response": text,
                                     **{j: float(scores[name][j].flat[k]) for j in eval_args.judges}}, ensure_ascii=False) + "\n")
     plot_report(report, scores, eval_args.judges[0], out / FIGURE_FILE)
-    if eval_args.export_pairs:
+    if eval_args.export_pairs and eval_args.export_pairs.lower() not in ("none", "false", "no"):
         count = export_pairs(eval_args.export_pairs, prompts, names, {n: samples[n]["texts"] for n in names},
                              eval_args.samples_per_prompt, seed)
         print(f"[tristage] eval: {count} pairs for annotators in {eval_args.export_pairs}")
