@@ -130,6 +130,8 @@ def print_summary(summary: list) -> None:
     for stage, out, status, seconds in summary:
         table.add_row(stage, str(out), status, f"{seconds:.0f} s" if seconds else "")
     Console().print(table)
+    for line in verdict({stage: out for stage, out, *_ in summary}):
+        print(line)
     for stage, out, status, _ in summary:
         if stage == "eval" and (out / "eval_report.json").is_file():
             if status == "skipped":  # eval printed its tables when it ran; show them again
@@ -139,3 +141,26 @@ def print_summary(summary: list) -> None:
 
                 print_report(json.loads((out / "eval_report.json").read_text()))
             print(f"eval report: {out / 'eval_report.json'} (figure: {out / 'eval_report.png'})")
+
+
+def verdict(outputs: dict[str, Path]) -> list[str]:
+    """The numbers that say whether RLHF helped: the RM's held-out accuracy, PPO's final KL against its
+    target, and the eval win rates of the last model over the first."""
+    import json
+
+    lines = []
+    rm_state = outputs.get("rm", Path("/nonexistent")) / "trainer_state.json"
+    if rm_state.is_file() and "eval_accuracy" in (state := json.loads(rm_state.read_text())):
+        lines.append(f"reward model: {100 * state['eval_accuracy']:.1f}% agreement with the held-out preference labels")
+    ppo_metrics = outputs.get("ppo", Path("/nonexistent")) / "metrics.jsonl"
+    if ppo_metrics.is_file():
+        last = [json.loads(line) for line in ppo_metrics.read_text().splitlines() if '"kl"' in line][-1]
+        config = yaml.safe_load((ppo_metrics.parent / "tristage_config.yaml").read_text())
+        target = f"target {config['kl_target']}" if config.get("adaptive_kl") else f"fixed beta {config['init_kl_coef']}"
+        lines.append(f"ppo: final KL to the reference {last['kl']:.2f} nats per response ({target}), score {last['score']:.3f}")
+    report = outputs.get("eval", Path("/nonexistent")) / "eval_report.json"
+    if report.is_file():
+        for row in json.loads(report.read_text())["win_rates"]:
+            lines.append(f"eval: {row['a']} beats {row['b']} {100 * row['win_rate']:.1f}% of the time by {row['judge']} "
+                         f"(95% CI {100 * row['ci'][0]:.1f}-{100 * row['ci'][1]:.1f}%)")
+    return lines

@@ -17,6 +17,13 @@ def export_merged(adapter_dir: str, output_dir: str, base: str | None = None, dt
     import transformers
     from peft import PeftConfig, PeftModel
 
+    from .backbone import POLICY_STACK_FILE, load_policy
+
+    if (Path(adapter_dir) / POLICY_STACK_FILE).is_file():  # a PPO adapter stack (SFT adapter + PPO adapter)
+        merged = load_policy(adapter_dir, dtype=getattr(torch, dtype), quantization=None).merge_and_unload()
+        merged.save_pretrained(output_dir)
+        transformers.AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
+        return Path(output_dir)
     config_file = Path(adapter_dir) / "adapter_config.json"
     if not config_file.is_file():
         raise ConfigError(f"{adapter_dir} holds no peft adapter (adapter_config.json); a full model needs no export", key="adapter")
