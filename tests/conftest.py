@@ -50,3 +50,13 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def keyword_policy(tmp_path_factory, tiny_model) -> Path:
+    """The tiny model after 12 PPO iterations against rule:keyword:e with a small beta (tests/fixtures/ppo_tiny.yaml):
+    a policy that clearly differs from its reference. Used by the PPO and the eval tests."""
+    out = tmp_path_factory.mktemp("keyword_policy") / "ppo"
+    assert_ok(run_stage("ppo", f"model_name_or_path={tiny_model}", f"output_dir={out}", "rollout_batch_size=32", "max_steps=12",
+                        "init_kl_coef=0.01", config=FIXTURES / "ppo_tiny.yaml"))
+    return out

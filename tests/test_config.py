@@ -64,3 +64,14 @@ def test_resolved_config_round_trips(tmp_path):
     again = parse_config(["--config", str(saved)], SFT)
     assert again[0] == parsed[0] and again[1] == parsed[1] and again[2] == parsed[2]
     assert again[3].learning_rate == 2e-5 and again[3].output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "eval"])
+def test_the_gpu_recipe_parses(stage):
+    """The recipe is a GPU starting point; bf16 is turned off here only because transformers refuses bf16 on a CPU."""
+    from stages.common.config import STAGE_CONFIGS, parse_config
+
+    extra = [] if stage == "eval" else ["bf16=false"]
+    configs = parse_config(["--config", str(ROOT / "configs" / "recipes" / "qwen2.5-7b-lora" / f"{stage}.yaml"), *extra],
+                           STAGE_CONFIGS[stage])
+    assert any(getattr(c, "output_dir", "").startswith("runs/qwen7b/") for c in configs)

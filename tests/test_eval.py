@@ -50,12 +50,9 @@ def test_two_identical_models_tie_and_the_ci_contains_half(tmp_path, tiny_model)
     assert all(p["prompt"][-1]["role"] == "user" and p["response_a"] == p["response_b"] for p in pairs)
 
 
-def test_a_different_model_is_told_apart(tmp_path, tiny_model):
+def test_a_different_model_is_told_apart(tmp_path, tiny_model, keyword_policy):
     """A model trained towards the letter e beats the base on rule:keyword:e, with a CI above 50%."""
-    trained = tmp_path / "ppo"
-    assert_ok(run_stage("ppo", f"model_name_or_path={tiny_model}", f"output_dir={trained}", "rollout_batch_size=32", "max_steps=10",
-                        config=FIXTURES / "ppo_tiny.yaml"))
-    report, _, _ = eval_stage(tmp_path, f"models=[{tiny_model},{trained}]", "model_names=[base,ppo]", "judges=[rule:keyword:e]",
+    report, _, _ = eval_stage(tmp_path, f"models=[{tiny_model},{keyword_policy}]", "model_names=[base,ppo]", "judges=[rule:keyword:e]",
                               "samples_per_prompt=8")
     [row] = report["win_rates"]
     assert row["a"] == "ppo" and row["ci"][0] > 0.5
