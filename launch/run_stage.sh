@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a tristage stage on this machine or a cluster.
 #
-#   launch/run_stage.sh sft|rm|ppo|eval|all|score|export|demo|reward-server [--config FILE] [key=value | --key value ...]
+#   launch/run_stage.sh sft|rm|ppo|eval|all|collect|score|export|demo|reward-server [--config FILE] [key=value | --key value ...]
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
 # first, with no download). The launcher is picked from the hardware:
@@ -26,9 +26,10 @@ case "$STAGE" in
   export) exec "$PYTHON" -m stages.cli export "$@" ;;
   reward-server) exec "$PYTHON" -m stages.cli reward-server "$@" ;;
   all) exec "$PYTHON" -m stages.cli all "$@" ;;
+  collect) exec "$PYTHON" -m stages.cli collect "$@" ;;
   demo) exec "$PYTHON" -m stages.cli demo --out "${DEMO_DIR:-runs/demo}" "$@" ;;
   -h|--help|help) usage; exit 0 ;;
-  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, eval, all, score, export, demo, reward-server)" >&2; exit 2 ;;
+  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, eval, all, collect, score, export, demo, reward-server)" >&2; exit 2 ;;
 esac
 
 CONFIG=""

@@ -13,6 +13,7 @@ COMMANDS = {
     "ppo": ("stages.ppo.train", "stage 3: PPO rollouts with KL control against the reference"),
     "all": ("stages.pipeline", "sft -> rm -> ppo -> eval, each reading the previous stage's output"),
     "eval": ("stages.eval.compare", "compare models (SFT-only vs RLHF) on held-out prompts"),
+    "collect": ("rewards.collect.cli", "human preference collection: web app, SQLite store, agreement, export"),
     "score": ("rewards.model", "score a file of (prompt, response) records with a reward model"),
     "reward-server": ("rewards.remote", "serve reward model(s) or rules over HTTP for PPO"),
     "export": ("stages.common.export", "merge an adapter into a standalone model"),
