@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a tristage stage on this machine or a cluster.
 #
-#   launch/run_stage.sh sft|rm|ppo|eval|all|collect|score|export|demo|reward-server [--config FILE] [key=value | --key value ...]
+#   launch/run_stage.sh sft|rm|ppo|eval|all|collect|score|export|demo|reward-server [--config FILE] [--dry-run] [key=value ...]
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
 # first, with no download). The launcher is picked from the hardware:
@@ -34,10 +34,12 @@ esac
 
 CONFIG=""
 ARGS=()
+DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG="${2:-}"; shift 2 ;;
     --config=*) CONFIG="${1#--config=}"; shift ;;
+    --dry-run) ARGS+=("dry_run=true"); DRY_RUN=1; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -65,7 +67,7 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 if [ "$NUM_GPUS" -gt 0 ]; then NPROC="${NPROC:-$NUM_GPUS}"; else NPROC="${NPROC:-1}"; fi
-if [ "$STAGE" = "eval" ]; then NPROC=1; NNODES=1; fi  # eval samples in one process
+if [ "$STAGE" = "eval" ] || [ "$DRY_RUN" = 1 ]; then NPROC=1; NNODES=1; NUM_GPUS=0; fi  # one plain process
 
 STAGE_ARGS=(--config "$CONFIG" "${ARGS[@]}")
 if [ "$NUM_GPUS" -gt 0 ] && [ -n "$DS_CONFIG" ]; then

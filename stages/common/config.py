@@ -169,6 +169,9 @@ class TrainArguments(TrainingArguments):
 
     output_dir: str = field(default="runs/out", metadata={"help": "Where the model, checkpoints, logs and resolved config go."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | none (metrics.jsonl is always written)."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "Validate config and data, build the tokenizer and the model's skeleton on the meta device (no weights), "
+                "report, and exit before training."})
     save_weight_digest: bool = field(
         default=False, metadata={"help": "Each rank writes a digest of the full (gathered) weights it holds, to check consolidation."}
     )

@@ -112,6 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
         max(1, math.ceil(train_args.num_train_epochs * len(prompts) / ppo_args.rollout_batch_size))
     micro, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
     optimizer_steps = iterations * ppo_args.ppo_epochs * (per_rank // (micro * accumulation))
+    if train_args.dry_run:
+        from transformers import AutoModelForCausalLM
+
+        from stages.common.backbone import adapter_base_path
+        from stages.common.dryrun import model_skeleton, report
+
+        path = model_args.model_name_or_path
+        skeleton_args = dataclasses.replace(model_args, model_name_or_path=adapter_base_path(path) or path)
+        model = model_skeleton(AutoModelForCausalLM, skeleton_args, backbone_args, train_args, task_type="CAUSAL_LM")
+        return report("ppo", model, {"prompts": len(prompts), "ptx_rows": len(ptx_rows), "iterations": iterations,
+                                     "optimizer_steps": optimizer_steps, "reward": ppo_args.reward_model})
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, train_args)

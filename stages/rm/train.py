@@ -21,6 +21,7 @@ from stages.common.backbone import apply_backbone, check_backbone_args, load_pre
 from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
 from stages.common.data import build_preference_data, collate_preferences
 from stages.common.distributed import all_reduce_sum, init_distributed
+from stages.common.dryrun import model_skeleton, report
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
 from stages.common.loop import fit, lockstep_batches, save_model, total_steps, write_weight_digest
 from stages.common.tracking import RunTracker
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args)
     data = build_preference_data(data_args, tokenizer, seed=train_args.seed)
     steps = total_steps(len(data.train), train_args, dist)
+    if train_args.dry_run:
+        model = model_skeleton(AutoModelForSequenceClassification, model_args, backbone_args, train_args, task_type="SEQ_CLS",
+                               head_modules=SCORE_HEAD, num_labels=1)
+        return report("rm", model, {"train_pairs": len(data.train), "eval_pairs": len(data.eval), "optimizer_steps": steps})
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, reward_args, train_args)

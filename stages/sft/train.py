@@ -17,6 +17,7 @@ from stages.common.backbone import apply_backbone, check_backbone_args, load_pre
 from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
 from stages.common.data import build_sft_data, collate_sft
 from stages.common.distributed import init_distributed
+from stages.common.dryrun import model_skeleton, report
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
 from stages.common.lm import CausalLMObjective
 from stages.common.loop import fit, save_model, total_steps, write_weight_digest
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args)
     data = build_sft_data(data_args, tokenizer, seed=train_args.seed)
     steps = total_steps(len(data.train), train_args, dist)
+    if train_args.dry_run:
+        model = model_skeleton(AutoModelForCausalLM, model_args, backbone_args, train_args, task_type="CAUSAL_LM")
+        return report("sft", model, {"train_rows": len(data.train), "eval_rows": len(data.eval), "optimizer_steps": steps})
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, train_args)
