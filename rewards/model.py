@@ -19,19 +19,9 @@ import torch
 from torch import nn
 
 from stages.common.backbone import trained_quantization
+from stages.common.masks import last_token_index, position_ids_from_mask
 
 STATS_FILE = "reward_stats.json"
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended position of each row (right or left padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the attended tokens, so left-padded rows get the same positions as unpadded ones."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def score_head(model: nn.Module) -> nn.Module:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stages.common.masks import last_token_index
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -26,11 +28,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return (positions * mask).argmax(dim=1)
 
 
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewards.model import RewardModel, score_head
+from rewards.model import RewardModel, load_reward_model, score_head
 from rewards.sources import build_reward, is_model_source
 from stages.common.backbone import (POLICY_STACK_FILE, adapter_base_path, apply_backbone, attach_adapters, load_pretrained,
                                     peft_config, policy_adapters, prepare_for_training, quantization_config)
@@ -41,11 +41,11 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def mark_trainable(model: nn.Module, adapter_names: list[str], extra: tuple[str, ...] = ()) -> None:
-    """peft's set_adapter makes every active adapter trainable; we decide: only these adapters (and extras)."""
+def mark_trainable(model: nn.Module, adapter_names: list[str]) -> None:
+    """peft's set_adapter makes every active adapter trainable; we decide: only these adapters."""
     for name, param in model.named_parameters():
         parts = name.split(".")
-        param.requires_grad_(any(a in parts for a in adapter_names) or any(e in parts for e in extra))
+        param.requires_grad_(any(a in parts for a in adapter_names))
 
 
 def _with_path(model_args, path: str):
@@ -176,7 +176,7 @@ class SeparateRoles:
         critic = load_critic_model(ppo_args, model_args, backbone, train_args, tokenizer.pad_token_id)
         ref_path = ppo_args.ref_model_name_or_path or model_args.model_name_or_path
         ref = load_policy(ref_path, quantization=actor_quantization(backbone, train_args))
-        reward_models = {spec: frozen_model(load_reward_for(spec, backbone, train_args), ds_config, dist)
+        reward_models = {spec: frozen_model(load_reward_model(spec), ds_config, dist)
                          for spec in ppo_args.reward_model if is_model_source(spec)}
         if ppo_args.disable_dropout:
             for model in (actor, critic, ref):
@@ -236,12 +236,6 @@ class SeparateRoles:
         tokenizer.save_pretrained(directory)
 
 
-def load_reward_for(spec: str, backbone, train_args) -> RewardModel:
-    from rewards.model import load_reward_model
-
-    return load_reward_model(spec)
-
-
 def save_policy(model: nn.Module, directory: Path, tokenizer, sft_adapters: list[str], base_path: str,
                 state_dict: dict | None = None) -> None:
     """A full model, or the adapter stack (SFT adapter(s) + PPO adapter) with tristage_policy.json naming the base."""
@@ -284,7 +278,7 @@ class SharedBackbone(nn.Module):
         self.use(role)
         if role in ("actor", "ref"):
             return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-        from rewards.model import position_ids_from_mask
+        from stages.common.masks import position_ids_from_mask
 
         hidden = self.decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
@@ -300,7 +294,7 @@ class SharedRewardView(nn.Module):
         self.shared = shared
 
     def forward(self, input_ids, attention_mask):
-        from rewards.model import last_token_index
+        from stages.common.masks import last_token_index
 
         scores = self.shared("reward", input_ids, attention_mask)
         return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
@@ -354,7 +348,7 @@ class SharedRoles(SeparateRoles):
         self.actor = TrainingEngine(self.shared, train_args, steps, dist, None)
         self.critic = None
         reward_models = {rm_dir: SharedRewardView(self.shared)} if rm_shares_base else {}
-        separate = {s: frozen_model(load_reward_for(s, backbone, train_args), None, dist)
+        separate = {s: frozen_model(load_reward_model(s), None, dist)
                     for s in ppo_args.reward_model if is_model_source(s) and s not in reward_models}
         self.reward = build_reward(ppo_args.reward_model, ppo_args.reward_weights, ppo_args.reward_normalize,
                                    batch_size=train_args.per_device_eval_batch_size, models={**reward_models, **separate},

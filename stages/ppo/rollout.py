@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.common.masks import position_ids_from_mask
+
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
@@ -28,10 +30,6 @@ def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.
     is_eos = (response_ids == eos_token_id).long()
     after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
     return (~after_eos).long(), is_eos.bool().any(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, resp_mask: torch.Tensor) -> dict:
