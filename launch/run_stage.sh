@@ -2,6 +2,7 @@
 # Start a tristage stage on this machine or a cluster.
 #
 #   launch/run_stage.sh sft|rm|ppo|eval|all|collect|score|export|demo|reward-server [--config FILE] [--dry-run] [key=value ...]
+#   launch/run_stage.sh sft|rm|ppo --estimate [--config FILE] [key=value ...]   per-GPU memory, from config.json only
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
 # first, with no download). The launcher is picked from the hardware:
@@ -9,7 +10,10 @@
 #   GPUs without one, or CPU with NPROC > 1    -> torchrun (gloo on CPU)
 #   otherwise                                  -> one plain process
 # Environment: NUM_GPUS (default: all visible), NPROC (processes per node; default NUM_GPUS or 1), NNODES,
-# NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, DEMO_DIR (default runs/demo).
+# NODE_RANK, MASTER_ADDR, MASTER_PORT, HOSTFILE, DEMO_DIR (default runs/demo); --estimate also GPU_MEMORY_GIB.
+# Several nodes: run this script on every node with the same NNODES / MASTER_ADDR / MASTER_PORT and that node's
+# NODE_RANK (Slurm: launch/slurm_example.sbatch), or on GPUs give one node a HOSTFILE (launch/hostfile.example)
+# and the deepspeed launcher starts the others over ssh.
 # The log is tee'd into <output_dir>/logs/; the exit code is the stage's (2 = bad config or data).
 set -uo pipefail
 
@@ -35,11 +39,13 @@ esac
 CONFIG=""
 ARGS=()
 DRY_RUN=0
+ESTIMATE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG="${2:-}"; shift 2 ;;
     --config=*) CONFIG="${1#--config=}"; shift ;;
     --dry-run) ARGS+=("dry_run=true"); DRY_RUN=1; shift ;;
+    --estimate) ESTIMATE=1; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -47,6 +53,12 @@ if [ -z "$CONFIG" ]; then
   CONFIG="$ROOT/configs/demo/$STAGE.yaml"
 fi
 [ -f "$CONFIG" ] || { echo "run_stage.sh: config file '$CONFIG' does not exist" >&2; exit 2; }
+if [ "$DRY_RUN" = 1 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  ARGS+=("use_cpu=true")  # a bf16 GPU recipe still parses on a CPU login node; nothing trains
+fi
+if [ "$ESTIMATE" = 1 ]; then  # reads the configs only: no data, no weights, no launcher
+  exec "$PYTHON" -m stages.cli estimate "$STAGE" --config "$CONFIG" "${ARGS[@]}"
+fi
 
 # The demo configs read runs/demo/{base,data}: build them once (seconds, no download).
 case "$(cd "$(dirname "$CONFIG")" && pwd)" in
@@ -72,7 +84,11 @@ if [ "$STAGE" = "eval" ] || [ "$DRY_RUN" = 1 ]; then NPROC=1; NNODES=1; NUM_GPUS
 STAGE_ARGS=(--config "$CONFIG" "${ARGS[@]}")
 if [ "$NUM_GPUS" -gt 0 ] && [ -n "$DS_CONFIG" ]; then
   LAUNCH=(deepspeed --no_local_rank --num_gpus "$NPROC" --master_port "$MASTER_PORT")
-  if [ -n "${HOSTFILE:-}" ]; then LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR"); fi
+  if [ -n "${HOSTFILE:-}" ]; then    # this node starts every host of the file over ssh (pdsh)
+    LAUNCH+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_addr "$MASTER_ADDR")
+  elif [ "$NNODES" -gt 1 ]; then     # every node runs this script itself (Slurm / a job scheduler): no ssh
+    LAUNCH+=(--no_ssh --num_nodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+  fi
   LAUNCH+=(--module stages.cli "$STAGE")
 elif [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
   LAUNCH=(torchrun --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"

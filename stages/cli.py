@@ -18,6 +18,7 @@ COMMANDS = {
     "reward-server": ("rewards.remote", "serve reward model(s) or rules over HTTP for PPO"),
     "export": ("stages.common.export", "merge an adapter into a standalone model"),
     "demo": ("stages.demo.build", "build the demo's base model and data (no download)"),
+    "estimate": ("stages.common.estimate", "per-GPU memory of a stage's config from the model's config.json (no weights)"),
     "config-get": ("stages.cli", "print one key of a resolved config (used by launch/run_stage.sh)"),
 }
 

@@ -44,6 +44,35 @@ def run_stage(stage: str, *overrides: str, config: Path | None = TINY_SFT, env: 
     return result
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_nodes(stage: str, *overrides: str, config: Path | None = TINY_SFT, timeout: int = 900) -> list[subprocess.CompletedProcess]:
+    """Two "nodes" on loopback: run_stage.sh twice with NNODES=2, NODE_RANK 0 and 1 and one process each, as a
+    Slurm job would start it on two machines (torchrun's static rendezvous at MASTER_ADDR:MASTER_PORT)."""
+    command = [str(ROOT / "launch" / "run_stage.sh"), stage, *(["--config", str(config)] if config else []), *overrides]
+    port = str(free_port())
+    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHON": sys.executable, "NUM_GPUS": "0", "NPROC": "1", "NNODES": "2",
+                                   "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in (0, 1)]
+    results = []
+    for node in nodes:
+        try:
+            stdout, stderr = node.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            raise
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return results
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 

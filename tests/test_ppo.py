@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT, assert_ok, read_metrics, run_stage
+from conftest import FIXTURES, ROOT, assert_ok, read_metrics, run_stage, run_two_nodes
 
 TINY_PPO = FIXTURES / "ppo_tiny.yaml"
 
@@ -176,15 +176,17 @@ def test_shared_backbone_ppo_runs_and_saves_a_loadable_adapter_stack(tmp_path, l
     assert all(math.isfinite(m["score"]) for m in read_metrics(out))
 
 
-def test_zero3_ppo_on_two_processes_saves_checkpoints_one_process_loads(tmp_path, tiny_model):
+def test_zero3_ppo_on_two_nodes_saves_checkpoints_one_process_loads(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "zero3"
-    result = ppo(f"model_name_or_path={tiny_model}", f"output_dir={out}", "max_steps=2", "save_strategy=steps", "save_steps=1",
-                 f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}", "per_device_train_batch_size=4",
-                 env={"NPROC": "2", "MASTER_PORT": "29537"})
-    assert_ok(result)
-    assert "2 process(es), ZeRO-3" in result.stdout + result.stderr
+    nodes = run_two_nodes("ppo", f"model_name_or_path={tiny_model}", f"output_dir={out}", "max_steps=2", "save_strategy=steps",
+                          "save_steps=1", f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}", "per_device_train_batch_size=4",
+                          config=TINY_PPO)
+    for result in nodes:
+        assert_ok(result)
+        assert "--nnodes 2" in result.stdout
+    assert "2 process(es), ZeRO-3" in nodes[0].stdout + nodes[0].stderr
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
     for directory in (out / "checkpoint-1" / "model", out):
         model = AutoModelForCausalLM.from_pretrained(directory)

@@ -1,4 +1,4 @@
-"""ZeRO-3 SFT on 2 CPU processes (torchrun + gloo, through run_stage.sh with NPROC=2)."""
+"""ZeRO-3 SFT on 2 CPU processes (torchrun + gloo, through run_stage.sh): two "nodes" on loopback, and NPROC=2."""
 from __future__ import annotations
 
 import json
@@ -7,22 +7,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, assert_ok, read_metrics, run_stage
+from conftest import ROOT, assert_ok, read_metrics, run_stage, run_two_nodes
 
 ZERO3 = str(ROOT / "configs" / "deepspeed" / "zero3.json")
 
 
-def test_zero3_two_processes_matches_one_process_and_saves_what_ranks_held(tmp_path, tiny_model):
-    # 2 ranks x micro-batch 2 x accumulation 2 see the same 8 examples per step as 1 process x micro-batch 4,
+def test_zero3_on_two_nodes_matches_one_process_and_saves_what_ranks_held(tmp_path, tiny_model):
+    # 2 nodes x 1 rank x micro-batch 2 x accumulation 2 see the same 8 examples per step as 1 process x micro-batch 4,
     # so with the loss normalized over all ranks' tokens the loss curves must agree.
     single = tmp_path / "single"
     assert_ok(run_stage("sft", f"model_name_or_path={tiny_model}", f"output_dir={single}", "finetuning_type=full"))
     sharded = tmp_path / "zero3"
-    result = run_stage("sft", f"model_name_or_path={tiny_model}", f"output_dir={sharded}", "finetuning_type=full",
-                       f"deepspeed={ZERO3}", "per_device_train_batch_size=2", "save_weight_digest=true",
-                       env={"NPROC": "2", "MASTER_PORT": "29531"})
-    assert_ok(result)
-    assert "2 process(es), ZeRO-3" in result.stdout + result.stderr
+    nodes = run_two_nodes("sft", f"model_name_or_path={tiny_model}", f"output_dir={sharded}", "finetuning_type=full",
+                          f"deepspeed={ZERO3}", "per_device_train_batch_size=2", "save_weight_digest=true")
+    for result in nodes:
+        assert_ok(result)
+        assert "--nnodes 2" in result.stdout
+    assert "2 process(es), ZeRO-3" in nodes[0].stdout + nodes[0].stderr
     single_losses = [m["loss"] for m in read_metrics(single)]
     sharded_losses = [m["loss"] for m in read_metrics(sharded)]
     assert sharded_losses == pytest.approx(single_losses, rel=1e-4)

@@ -5,7 +5,9 @@ Keys are flat (``learning_rate: 2e-5``, ``lora_rank: 16``) and belong to one of 
 gradient checkpointing, ``deepspeed``, ``report_to``, ``save_steps``, ``resume_from_checkpoint``, seed)
 is reachable. Parsing goes through ``HfArgumentParser``: the YAML is turned into ``--key value`` tokens,
 overrides are appended (the last one wins), and argparse does the typing. Unknown keys and bad values are
-``ConfigError``s that name the key.
+``ConfigError``s that name the key. A YAML file may start from another with ``base: other.yaml`` (a path
+relative to the file): the base's keys apply first and the file's own keys override them, so recipes share
+their hyperparameters instead of copying them.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ class ModelArguments:
     chat_template: str | None = field(
         default=None, metadata={"help": "Jinja chat template (or a path to a file holding one) to use instead of the tokenizer's own."}
     )
+    architecture_config: str | None = field(default=None, metadata={
+        "help": "The model's config.json (shipped with a recipe): --estimate and --dry-run read it when the model is not a "
+                "local directory yet, so they need no download."})
 
 
 @dataclass
@@ -231,7 +236,8 @@ def split_config_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config_file, argv
 
 
-def load_yaml(config_file: str) -> dict[str, Any]:
+def load_yaml(config_file: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping, with its ``base:`` chain (if any) merged underneath it."""
     path = Path(config_file)
     if not path.is_file():
         raise ConfigError("no such file", file=config_file)
@@ -241,7 +247,17 @@ def load_yaml(config_file: str) -> dict[str, Any]:
         raise ConfigError(f"not valid YAML: {str(err).splitlines()[0]}", file=config_file) from None
     if not isinstance(values, dict):
         raise ConfigError("the top level must be a mapping of key: value", file=config_file)
-    return values
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError("must be the path of another YAML config", key="base", file=config_file)
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen + (path.resolve(),):
+        raise ConfigError(f"the base chain loops back to {base_path}", key="base", file=config_file)
+    if not base_path.is_file():
+        raise ConfigError(f"{base_path} does not exist", key="base", file=config_file)
+    return {**load_yaml(str(base_path), _seen + (path.resolve(),)), **values}
 
 
 def parse_config(argv: Sequence[str], dataclass_types: Sequence[type]) -> tuple:

@@ -11,11 +11,15 @@ import torch
 
 def model_skeleton(auto_class, model_args, backbone_args, train_args, task_type: str, head_modules=None, **config_kwargs):
     """The model as the stage would train it, on the meta device: the config is read, no weight is."""
-    from transformers import AutoConfig
-
     from .backbone import apply_backbone
+    from .estimate import load_model_config
 
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **config_kwargs)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # TrainingArguments registered the ZeRO-3 config: no partitioned init of a skeleton
+    config = load_model_config(model_args)  # the model's own config.json, else the recipe's architecture_config
+    for key, value in config_kwargs.items():
+        setattr(config, key, value)
     with torch.device("meta"):
         model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
     if backbone_args.finetuning_type == "qlora":  # bitsandbytes cannot quantize meta tensors; LoRA on top is what trains

@@ -56,7 +56,10 @@ def first_model_source(ppo_args) -> str | None:
     return next((s for s in ppo_args.reward_model or [] if is_model_source(s)), None)
 
 
-def check_ppo_args(ppo_args, backbone, train_args) -> None:
+def check_ppo_args(ppo_args, backbone, train_args) -> list[str]:
+    """Raises ConfigError for a bad PPO setting. In a dry run a reward model directory that does not exist yet
+    (the rm stage has not run) is returned instead of refused."""
+    not_yet = []
     if ppo_args.shared_backbone and backbone.finetuning_type not in ("lora", "qlora"):
         raise ConfigError("the shared backbone holds the roles as adapters: use finetuning_type lora or qlora", key="shared_backbone")
     if ppo_args.shared_backbone and train_args.deepspeed:
@@ -67,6 +70,8 @@ def check_ppo_args(ppo_args, backbone, train_args) -> None:
     for spec in ppo_args.reward_model or []:
         if spec.startswith("rule:"):
             RuleSource(spec)  # raises for an unknown rule
+        elif is_model_source(spec) and not Path(spec).is_dir() and train_args.dry_run:
+            not_yet.append(spec)
         elif is_model_source(spec) and not Path(spec).is_dir():
             raise ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an http(s) URL", key="reward_model")
     if not ppo_args.reward_model:
@@ -83,6 +88,7 @@ def check_ppo_args(ppo_args, backbone, train_args) -> None:
         raise ConfigError("ptx_coef > 0 needs ptx_dataset", key="ptx_dataset")
     if not 0.0 <= ppo_args.ema_decay < 1.0:
         raise ConfigError("must be in [0, 1)", key="ema_decay")
+    return not_yet
 
 
 # ------------------------------------------------------------------------------------ loading pieces

@@ -97,8 +97,8 @@ def save_models(roles, tokenizer, output_dir: Path, ema: ActorEMA | None, dist) 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, backbone_args, ppo_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["ppo"])
     check_backbone_args(backbone_args, train_args, stage="ppo")
-    check_ppo_args(ppo_args, backbone_args, train_args)
-    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed))
+    not_trained_yet = check_ppo_args(ppo_args, backbone_args, train_args)
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
     per_rank = check_batch_sizes(ppo_args, train_args, dist.world_size)
     set_seed(train_args.seed)
 
@@ -115,14 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
     if train_args.dry_run:
         from transformers import AutoModelForCausalLM
 
-        from stages.common.backbone import adapter_base_path
         from stages.common.dryrun import model_skeleton, report
 
-        path = model_args.model_name_or_path
-        skeleton_args = dataclasses.replace(model_args, model_name_or_path=adapter_base_path(path) or path)
-        model = model_skeleton(AutoModelForCausalLM, skeleton_args, backbone_args, train_args, task_type="CAUSAL_LM")
+        if not Path(model_args.model_name_or_path).exists():
+            not_trained_yet.insert(0, model_args.model_name_or_path)
+        model = model_skeleton(AutoModelForCausalLM, model_args, backbone_args, train_args, task_type="CAUSAL_LM")
         return report("ppo", model, {"prompts": len(prompts), "ptx_rows": len(ptx_rows), "iterations": iterations,
-                                     "optimizer_steps": optimizer_steps, "reward": ppo_args.reward_model})
+                                     "optimizer_steps": optimizer_steps, "reward": ppo_args.reward_model,
+                                     "not_found_yet": not_trained_yet})
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, train_args)

@@ -69,7 +69,7 @@ def reward_statistics(engine: TrainingEngine, rows: list[dict], collate, micro_b
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, backbone_args, reward_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["rm"])
     check_backbone_args(backbone_args, train_args, stage="rm")
-    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed))
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
     set_seed(train_args.seed)
 
     tokenizer = load_tokenizer(model_args)
