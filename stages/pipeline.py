@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="put every stage's output under this directory")
     parser.add_argument("--force", action="store_true", help="redo stages whose output already exists")
     parser.add_argument("--stages", default=",".join(PIPELINE), help="a subset, in pipeline order")
+    parser.add_argument("--summary-json", default=None, help="also write each stage's status and seconds to this file")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     stages = [s for s in PIPELINE if s in args.stages.split(",")]
     config_dir = Path(args.config_dir)
@@ -114,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                               env=env).returncode
         summary.append((stage, out, "ran" if code == 0 else f"failed ({code})", time.time() - started))
         if code != 0:
-            print_summary(summary)
-            return code
+            break
     print_summary(summary)
-    return 0
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps([{"stage": st, "output": str(out), "status": status, "seconds": sec}
+                                                       for st, out, status, sec in summary], indent=2))
+    return 0 if all(status in ("ran", "skipped") for *_, status, _ in summary) else code
 
 
 def print_summary(summary: list) -> None:

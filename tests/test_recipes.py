@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,7 +145,6 @@ def test_every_recipe_passes_a_dry_run_with_no_weights(recipe, tmp_path, tiny_mo
     is the recipe's own architecture from its shipped config.json."""
     import importlib
 
-    from stages.common.estimate import ModelShape
 
     stage = recipe.stem
     module = importlib.import_module({"sft": "stages.sft.train", "rm": "stages.rm.train", "ppo": "stages.ppo.train"}[stage])

@@ -311,7 +311,7 @@ def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, p
                 "critic weights": critic["weights"], "critic gradients": critic["gradients"], "critic optimizer": critic["optimizer"],
                 "reference": reference, "reward model": reward}
 
-    generation = kv_cache_bytes(shape, seq, micro)
+    generation = kv_cache_bytes(shape, seq, train_args.per_device_eval_batch_size)  # generation runs eval-batch rows at a time
     if zero.stage == 3:  # generation gathers the actor's shards once per rollout
         generation += frozen_bytes_per_param(backbone) * shape.parameters(True) if adapters else 2.0 * shape.parameters(True)
     training, training_other = (max(activation_bytes(shape, seq, micro, ckpt, True, eager_attention),

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         picks = iteration_prompts(len(prompts), iteration, ppo_args.rollout_batch_size, train_args.seed)
         rows = [prompts[i] for i in picks[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
         beta = kl_ctl.beta
-        experience = make_experience(roles, tokenizer, rows, ppo_args, beta, micro, dist.device)
+        experience = make_experience(roles, tokenizer, rows, ppo_args, beta, train_args.per_device_eval_batch_size, dist.device)
         if experience is None:
             skipped_iterations += 1
             tracker.log(iteration + 1, {"skipped_iterations": skipped_iterations})

@@ -55,8 +55,10 @@ def _right_pad_cat(pieces: list[torch.Tensor], pad_token_id: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def make_experience(roles, tokenizer, rows: list[dict], ppo_args, beta: float, micro_batch: int, device) -> Experience | None:
-    """Returns None (on every rank) when a score, log-prob or value is not finite: the iteration is skipped."""
+def make_experience(roles, tokenizer, rows: list[dict], ppo_args, beta: float, inference_batch: int, device) -> Experience | None:
+    """Generation and the no-grad passes run ``inference_batch`` rows at a time (per_device_eval_batch_size):
+    for small models the per-token overhead of ``generate`` dominates, so fewer, larger calls are faster.
+    Returns None (on every rank) when a score, log-prob or value is not finite: the iteration is skipped."""
     started = time.time()
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -64,7 +66,7 @@ def make_experience(roles, tokenizer, rows: list[dict], ppo_args, beta: float, m
     # 1. Generate (the actor's shards gathered once for all of it under ZeRO-3).
     config = generation_config(ppo_args, tokenizer)
     with roles.generation_model() as policy:
-        pieces = [generate(policy, prompt_ids[c], prompt_mask[c], config) for c in _in_chunks(len(rows), micro_batch)]
+        pieces = [generate(policy, prompt_ids[c], prompt_mask[c], config) for c in _in_chunks(len(rows), inference_batch)]
     response_ids = _right_pad_cat(pieces, tokenizer.pad_token_id)
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
     generated = time.time()
@@ -78,11 +80,11 @@ def make_experience(roles, tokenizer, rows: list[dict], ppo_args, beta: float, m
     scores -= ppo_args.missing_eos_penalty * (~ended).double().cpu()
     scores = scores.float().to(device)
 
-    # 3. Log-probs of the actor and the reference, values of the critic, micro-batch by micro-batch.
+    # 3. Log-probs of the actor and the reference, values of the critic, batch by batch.
     roles.train(False)
     width = response_ids.shape[1]
     logprobs, ref_logprobs, values, entropy = [], [], [], []
-    for chunk in _in_chunks(len(rows), micro_batch):
+    for chunk in _in_chunks(len(rows), inference_batch):
         inputs = join(prompt_ids[chunk], prompt_mask[chunk], response_ids[chunk], mask[chunk])
         logits = response_logits(roles.actor_logits(inputs), width)
         logprobs.append(token_logprobs(logits, response_ids[chunk], ppo_args.temperature))
