@@ -8,25 +8,66 @@ from stages.cli import main as tristage
 
 BAD = ROOT / "tests" / "bad_inputs"
 
-CASES = [  # file, what the message must name
-    ("broken_json.json", ["broken_json.json", "broken JSON", "line 4"]),
-    ("broken_jsonl_line.jsonl", ["broken_jsonl_line.jsonl", "record 2", "line 2"]),
-    ("missing_output.jsonl", ["missing_output.jsonl", "record 2", "field 'output'", "missing"]),
-    ("empty_response.jsonl", ["empty_response.jsonl", "record 3", "field 'output'", "empty"]),
-    ("unknown_format.jsonl", ["unknown_format.jsonl", "record 1", "unknown format", "question"]),
-    ("wrong_type.jsonl", ["wrong_type.jsonl", "record 1", "field 'instruction'", "must be a string"]),
-    ("not_utf8.jsonl", ["not_utf8.jsonl", "not UTF-8", "line 1"]),
-    ("empty.jsonl", ["empty.jsonl", "empty"]),
-    ("sharegpt_unknown_role.jsonl", ["record 1", "field 'conversations[1].from'", "robot"]),
-    ("messages_not_alternating.jsonl", ["record 2", "field 'messages[1].content'", "expected an assistant turn"]),
-    ("does_not_exist.jsonl", ["does_not_exist.jsonl", "no such file"]),
+CASES = [  # stage, file, what the one-line message must name
+    ("sft", "broken_json.json", ["broken_json.json", "broken JSON", "line 4"]),
+    ("sft", "broken_jsonl_line.jsonl", ["broken_jsonl_line.jsonl", "record 2", "line 2"]),
+    ("sft", "missing_output.jsonl", ["missing_output.jsonl", "record 2", "field 'output'", "missing"]),
+    ("sft", "empty_response.jsonl", ["empty_response.jsonl", "record 3", "field 'output'", "empty"]),
+    ("sft", "unknown_format.jsonl", ["unknown_format.jsonl", "record 1", "unknown format", "question"]),
+    ("sft", "wrong_type.jsonl", ["wrong_type.jsonl", "record 1", "field 'instruction'", "must be a string"]),
+    ("sft", "not_utf8.jsonl", ["not_utf8.jsonl", "not UTF-8", "line 1"]),
+    ("sft", "empty.jsonl", ["empty.jsonl", "empty"]),
+    ("sft", "only_blank_lines.jsonl", ["only_blank_lines.jsonl", "empty"]),
+    ("sft", "top_level_not_list.json", ["top_level_not_list.json", "list of records"]),
+    ("sft", "record_not_object.jsonl", ["record 1", "must be an object", "list"]),
+    ("sft", "sharegpt_unknown_role.jsonl", ["record 1", "field 'conversations[1].from'", "robot"]),
+    ("sft", "messages_not_alternating.jsonl", ["record 2", "field 'messages[1].content'", "expected an assistant turn"]),
+    ("sft", "messages_empty_list.jsonl", ["record 1", "field 'messages'", "no user/assistant turns"]),
+    ("sft", "messages_unknown_role.jsonl", ["record 1", "field 'messages[1].role'", "wizard"]),
+    ("sft", "messages_content_not_string.jsonl", ["record 1", "field 'messages[0].content'", "must be a string"]),
+    ("sft", "alpaca_history_wrong_type.jsonl", ["record 1", "field 'history'", "must be a list"]),
+    ("sft", "prompt_completion_empty_completion.jsonl", ["record 1", "field 'completion'", "empty"]),
+    ("sft", "text_not_string.jsonl", ["record 1", "field 'text'", "must be a string"]),
+    ("sft", "sft_prompt_too_long.jsonl", ["record 2", "field 'instruction'", "max_length is 256"]),
+    ("sft", "does_not_exist.jsonl", ["does_not_exist.jsonl", "no such file"]),
+    ("rm", "pref_chosen_equals_rejected.jsonl", ["record 2", "field 'rejected'", "identical to chosen"]),
+    ("rm", "pref_missing_rejected.jsonl", ["record 2", "field 'rejected'", "missing"]),
+    ("rm", "pref_empty_chosen.jsonl", ["record 3", "field 'chosen'", "empty"]),
+    ("rm", "pref_wrong_type.jsonl", ["record 1", "field 'chosen'", "got int"]),
+    ("rm", "pref_null_prompt.jsonl", ["record 1", "field 'prompt'", "missing"]),
+    ("rm", "pref_sharegpt_ranking_ends_with_gpt.jsonl", ["record 1", "field 'conversations'", "user turn"]),
+    ("rm", "pref_hh_no_turns.jsonl", ["record 1", "unknown format"]),
+    ("rm", "pref_messages_differ_early.jsonl", ["record 1", "field 'chosen'", "final assistant turn"]),
+    ("rm", "pref_prompt_too_long.jsonl", ["record 2", "field 'prompt'", "too long"]),
+    ("ppo", "prompt_empty.jsonl", ["record 2", "field 'prompt'", "empty"]),
+    ("ppo", "prompt_messages_ends_with_assistant.jsonl", ["record 1", "field 'prompt'", "user turn"]),
+    ("ppo", "prompt_system_wrong_type.jsonl", ["record 1", "field 'system'", "must be a string"]),
+    ("sft", "config_unknown_key.yaml", ["config_unknown_key.yaml", "unknown key", "learnig_rate_warmup"]),
+    ("sft", "config_wrong_type.yaml", ["config_wrong_type.yaml", "per_device_train_batch_size", "four"]),
+    ("sft", "config_broken_yaml.yaml", ["config_broken_yaml.yaml", "not valid YAML"]),
+    ("sft", "config_not_a_mapping.yaml", ["config_not_a_mapping.yaml", "mapping"]),
+    ("sft", "config_unknown_finetuning_type.yaml", ["key 'finetuning_type'", "adapterz"]),
+    ("sft", "config_bad_base.yaml", ["key 'base'", "does_not_exist.yaml"]),
+    ("rm", "config_missing_deepspeed_file.yaml", ["key 'deepspeed'", "zero4.json"]),
 ]
+STAGE_ARGS = {"sft": ["max_length=256"], "rm": ["max_length=256"], "ppo": ["--config", str(ROOT / "tests" / "fixtures" / "ppo_tiny.yaml")]}
+GOOD_DATA = {"sft": ROOT / "tests" / "fixtures" / "alpaca_en_demo_sample.json", "rm": ROOT / "tests" / "fixtures" / "dpo_en_demo_sample.json"}
 
 
-@pytest.mark.parametrize("name, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_data_is_one_clear_line_before_training(tmp_path, tiny_model, capsys, name, expected):
+def test_the_corpus_has_at_least_30_bad_files_and_every_one_is_checked():
+    files = {p.name for p in BAD.iterdir()}
+    assert len(files) >= 30
+    assert files <= {name for _stage, name, _ in CASES}, files - {name for _stage, name, _ in CASES}
+
+
+@pytest.mark.parametrize("stage, name, expected", CASES, ids=[c[1] for c in CASES])
+def test_bad_input_is_one_clear_line_before_training(tmp_path, tiny_model, capsys, stage, name, expected):
     out = tmp_path / "out"
-    code = tristage(["sft", f"model_name_or_path={tiny_model}", f"dataset={BAD / name}", f"output_dir={out}", "report_to=none"])
+    if name.endswith(".yaml"):  # a bad config with good data
+        inputs = ["--config", str(BAD / name), f"dataset={GOOD_DATA[stage]}"]
+    else:
+        inputs = [*STAGE_ARGS[stage], f"dataset={BAD / name}"]
+    code = tristage([stage, *inputs, f"model_name_or_path={tiny_model}", f"output_dir={out}", "report_to=none"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("tristage: error:"), err

@@ -271,7 +271,9 @@ def parse_config(argv: Sequence[str], dataclass_types: Sequence[type]) -> tuple:
     except ConfigError as err:
         raise ConfigError(str(err), file=config_file) from None
     except (ValueError, TypeError) as err:  # raised by a dataclass __post_init__ (TrainingArguments checks)
-        raise ConfigError(str(err).splitlines()[0], file=config_file) from None
+        message = str(err).splitlines()[0]
+        key = "deepspeed" if "deepspeed config" in message else None  # transformers' check of the deepspeed path
+        raise ConfigError(message, key=key, file=config_file) from None
     unknown = [t[2:].split("=")[0] for t in remaining if t.startswith("--")]
     if remaining:
         raise ConfigError(f"unknown key(s): {', '.join(unknown) or ' '.join(remaining)}", file=config_file)

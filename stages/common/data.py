@@ -440,6 +440,8 @@ def parse_records(source: str, records: list[Any], kind: str, format_name: str =
     if not records:
         raise DataError(source, "holds no records")
     if format_name == "auto":
+        if not isinstance(records[0], dict):
+            raise DataError(source, f"must be an object of fields, got {type(records[0]).__name__}", record=1, field="<record>")
         fmt = detect_format(records[0], kind)
         if fmt is None:
             keys = sorted(records[0]) if isinstance(records[0], dict) else type(records[0]).__name__
@@ -455,7 +457,10 @@ def parse_records(source: str, records: list[Any], kind: str, format_name: str =
         try:
             if not isinstance(record, dict):
                 raise RecordError("<record>", f"must be an object, got {type(record).__name__}")
-            example = fmt.parse(record)
+            try:
+                example = fmt.parse(record)
+            except KeyError as missing:  # a later record lacks a key the file's format (from record 1) needs
+                raise RecordError(str(missing.args[0]), f"missing (the file's records are {fmt.name})") from None
             if kind == "prompt":
                 example = as_prompt(example)
         except RecordError as err:
