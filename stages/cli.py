@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from stages.common.errors import INPUT_ERROR_EXIT_CODE, InputError
+from stages.common.errors import INPUT_ERROR_EXIT_CODE, MEMORY_KNOBS, RUN_ERROR_EXIT_CODE, InputError, RunError, is_out_of_memory
 
 COMMANDS = {
     "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
@@ -29,6 +29,15 @@ def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"tristage: error: {err}", file=sys.stderr)
         return INPUT_ERROR_EXIT_CODE
+    except RunError as err:
+        print(f"tristage: error: {err}", file=sys.stderr)
+        return RUN_ERROR_EXIT_CODE
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is turned into advice; anything else propagates
+        if not is_out_of_memory(err):
+            raise
+        print(f"tristage: error: out of memory ({str(err).splitlines()[0][:200]}); reduce it with {MEMORY_KNOBS} "
+              "(launch/run_stage.sh <stage> --estimate shows what each saves)", file=sys.stderr)
+        return RUN_ERROR_EXIT_CODE
     return result if isinstance(result, int) else 0
 
 

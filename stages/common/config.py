@@ -174,6 +174,9 @@ class TrainArguments(TrainingArguments):
 
     output_dir: str = field(default="runs/out", metadata={"help": "Where the model, checkpoints, logs and resolved config go."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | none (metrics.jsonl is always written)."})
+    max_nonfinite_steps: int = field(default=5, metadata={
+        "help": "Stop with an error after this many optimizer steps (PPO: iterations) in a row were skipped for a NaN/inf "
+                "loss, gradient, reward or log-prob; 0 = never stop."})
     dry_run: bool = field(default=False, metadata={
         "help": "Validate config and data, build the tokenizer and the model's skeleton on the meta device (no weights), "
                 "report, and exit before training."})

@@ -33,3 +33,25 @@ class DataError(InputError):
             parts.append(f"field '{field}'")
         super().__init__(": ".join(parts) + f": {message}")
         self.file, self.record, self.field = file, record, field
+
+
+RUN_ERROR_EXIT_CODE = 3
+
+
+class RunError(Exception):
+    """A run that cannot go on (numbers blew up, the disk is full, memory ran out): one line, exit code 3, and
+    whatever was saved before stays as it was."""
+
+
+MEMORY_KNOBS = ("per_device_train_batch_size (with more gradient_accumulation_steps), max_length, gradient_checkpointing: true, "
+                "finetuning_type: lora or qlora, deepspeed: configs/deepspeed/zero3.json or zero3_offload.json; PPO also "
+                "per_device_eval_batch_size, max_new_tokens and shared_backbone: true")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,7 +18,7 @@ import torch
 
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .engine import TrainingEngine
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .tracking import RunTracker
 
 TRAINER_STATE = "trainer_state.json"
@@ -84,10 +85,18 @@ def atomic_checkpoint(output_dir: str, step: int, state: dict, keep: int | None,
     if main and partial.exists():
         shutil.rmtree(partial)
     barrier()
-    write(partial)
-    barrier()
+    try:
+        write(partial)
+        barrier()
+        if main:
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+    except OSError as err:  # a full disk (ENOSPC) or a failing writer: drop the partial copy, keep the last good one
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = sorted(Path(output_dir).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+        raise RunError(f"saving {final} failed: {err.strerror or err}; "
+                       f"{'the previous checkpoint ' + str(previous[-1]) + ' is intact' if previous else 'no earlier checkpoint exists'}"
+                       ) from None
     if main:
-        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -97,6 +106,22 @@ def atomic_checkpoint(output_dir: str, step: int, state: dict, keep: int | None,
                 shutil.rmtree(old)
     barrier()
     return final
+
+
+class NonFiniteStreak:
+    """Counts skipped (NaN/inf) steps; too many in a row is an error, since the run will not recover by itself."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what, self.run, self.total = limit, what, 0, 0
+
+    def update(self, skipped: bool, step: int) -> None:
+        self.run = self.run + 1 if skipped else 0
+        self.total += int(skipped)
+        if skipped:
+            warnings.warn(f"step {step}: a NaN/inf loss or gradient; the update was skipped", stacklevel=2)
+        if self.limit and self.run >= self.limit:
+            raise RunError(f"{self.run} {self.what} in a row were NaN/inf (last at step {step}); stopping. Lower learning_rate, "
+                           "check the data, prefer bf16 to fp16, or raise max_nonfinite_steps; saved checkpoints hold finite weights")
 
 
 def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None) -> Path:
@@ -151,6 +176,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
         return {**metrics, **(extra_eval(metrics) if extra_eval else {})}
 
     last: dict = {}
+    nonfinite = NonFiniteStreak(train_args.max_nonfinite_steps, "optimizer steps")
     window_loss, window_count, window_extra, window_tokens, window_time = 0.0, 0.0, {}, 0, time.time()
     engine.train(True)
     while step < steps:
@@ -173,6 +199,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             window_count += global_count / dist.world_size
             grad_norm = engine.optimizer_step()
             step += 1
+            nonfinite.update(grad_norm is None or not math.isfinite(grad_norm), step)
             tracker.advance_to(step, f"loss {window_loss / max(window_count, 1):.4f}")
             if step % train_args.logging_steps == 0 or step == steps:
                 keys = sorted(window_extra)
@@ -183,6 +210,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
                 last.update({k: v / max(sums[1], 1.0) for k, v in zip(keys, sums[3:])})
                 if grad_norm is not None:
                     last["grad_norm"] = grad_norm
+                last["skipped_steps"] = nonfinite.total
                 if do_eval and (step % eval_every == 0 or step == steps):
                     last.update(eval_metrics())
                 tracker.log(step, last)

@@ -24,7 +24,7 @@ from stages.common.data import build_prompt_data, build_sft_data
 from stages.common.distributed import all_reduce_sum, barrier, init_distributed
 from stages.common.engine import resolve_deepspeed_config
 from stages.common.errors import ConfigError
-from stages.common.loop import TRAINER_STATE, atomic_checkpoint, find_checkpoint
+from stages.common.loop import TRAINER_STATE, NonFiniteStreak, atomic_checkpoint, find_checkpoint
 from stages.common.plots import plot_curves
 from stages.common.tracking import RunTracker
 
@@ -157,11 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     metrics: dict = {}
     skipped_iterations = 0
+    nonfinite = NonFiniteStreak(train_args.max_nonfinite_steps, "PPO iterations")
     for iteration in range(start_iteration, iterations):
         picks = iteration_prompts(len(prompts), iteration, ppo_args.rollout_batch_size, train_args.seed)
         rows = [prompts[i] for i in picks[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
         beta = kl_ctl.beta
         experience = make_experience(roles, tokenizer, rows, ppo_args, beta, train_args.per_device_eval_batch_size, dist.device)
+        nonfinite.update(experience is None, iteration + 1)
         if experience is None:
             skipped_iterations += 1
             tracker.log(iteration + 1, {"skipped_iterations": skipped_iterations})
