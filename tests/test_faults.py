@@ -98,3 +98,37 @@ def test_out_of_memory_names_the_knobs(tmp_path, tiny_model, monkeypatch, capsys
     assert code == 3 and err.startswith("tristage: error: out of memory")
     for knob in ("per_device_train_batch_size", "gradient_checkpointing", "qlora", "zero3_offload.json", "--estimate"):
         assert knob in err
+
+
+def test_nan_weights_are_never_saved_or_exported(tmp_path, tiny_model, capsys):
+    """The guards behind the skip logic: a model that somehow holds a NaN is refused at every save and at export."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stages.common.errors import RunError
+    from stages.common.export import export_merged
+    from stages.common.loop import check_finite_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    check_finite_weights(model, "a healthy model")  # no error
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    try:
+        check_finite_weights(model, "checkpoint-3")
+        raise AssertionError("a NaN weight was accepted")
+    except RunError as err:
+        assert "checkpoint-3" in str(err) and "NaN/inf" in str(err)
+
+    adapter = tmp_path / "adapter"
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.fill_(float("inf"))
+    peft.save_pretrained(adapter)
+    try:
+        export_merged(str(adapter), str(tmp_path / "merged"), base=str(tiny_model))
+        raise AssertionError("a non-finite merge was exported")
+    except RunError as err:
+        assert "nothing exported" in str(err)
+    assert not (tmp_path / "merged" / "model.safetensors").exists()

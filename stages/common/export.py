@@ -8,9 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 
 AUTO_CLASS_BY_TASK = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification"}
+
+
+def refuse_non_finite(model: torch.nn.Module, source: str) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RunError(f"{source}: merged weights hold NaN/inf (first: {bad[0]}); nothing exported")
 
 
 def export_merged(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str = "float32") -> Path:
@@ -21,6 +27,7 @@ def export_merged(adapter_dir: str, output_dir: str, base: str | None = None, dt
 
     if (Path(adapter_dir) / POLICY_STACK_FILE).is_file():  # a PPO adapter stack (SFT adapter + PPO adapter)
         merged = load_policy(adapter_dir, dtype=getattr(torch, dtype), quantization=None).merge_and_unload()
+        refuse_non_finite(merged, adapter_dir)
         merged.save_pretrained(output_dir)
         transformers.AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
         return Path(output_dir)
@@ -37,6 +44,7 @@ def export_merged(adapter_dir: str, output_dir: str, base: str | None = None, dt
     # QLoRA adapters merge into an unquantized base: the 4-bit base was only a memory trick for training.
     model = auto_class.from_pretrained(base_path, dtype=getattr(torch, dtype), **({"num_labels": 1} if task == "SEQ_CLS" else {}))
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    refuse_non_finite(merged, adapter_dir)
     merged.save_pretrained(output_dir)
     transformers.AutoTokenizer.from_pretrained(adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_path
                                                ).save_pretrained(output_dir)

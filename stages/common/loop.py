@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum, any_rank, barrier
 from .engine import TrainingEngine
 from .errors import ConfigError, RunError
 from .tracking import RunTracker
@@ -124,7 +124,15 @@ class NonFiniteStreak:
                            "check the data, prefer bf16 to fp16, or raise max_nonfinite_steps; saved checkpoints hold finite weights")
 
 
+def check_finite_weights(module: torch.nn.Module, what: str) -> None:
+    """No checkpoint or model with a NaN/inf weight is ever written (each rank checks the shards it holds)."""
+    local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in module.parameters() if p.requires_grad]
+    if any_rank(not all(bool(torch.isfinite(t).all()) for t in local)):
+        raise RunError(f"{what}: the weights hold NaN/inf; refusing to save them (the last checkpoint is intact)")
+
+
 def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None) -> Path:
+    check_finite_weights(engine.module, f"checkpoint-{step}")
     return atomic_checkpoint(output_dir, step, state, keep, lambda directory: engine.save_checkpoint(directory, client_state=state))
 
 
@@ -188,9 +196,14 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             # ranks, so scaling by world_size / global count gives the exact mean over every item.
             global_count = all_reduce_sum([sum(objective.count(b) for b in window)])[0]
             scale = dist.world_size / max(global_count, 1.0)
+            window_bad = False
             for batch in window:
                 with engine.forward_context():
                     loss, extra = objective.loss_sum(engine.forward_model, batch)
+                if any_rank(not bool(torch.isfinite(loss))):  # all ranks skip together (ZeRO-3 steps are collective)
+                    engine.skip_backward()
+                    window_bad = True
+                    continue
                 engine.backward(loss * scale)
                 window_loss += loss.item()
                 window_tokens += int(batch["input_ids"].numel())
@@ -199,7 +212,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             window_count += global_count / dist.world_size
             grad_norm = engine.optimizer_step()
             step += 1
-            nonfinite.update(grad_norm is None or not math.isfinite(grad_norm), step)
+            nonfinite.update(window_bad or grad_norm is None or not math.isfinite(grad_norm), step)
             tracker.advance_to(step, f"loss {window_loss / max(window_count, 1):.4f}")
             if step % train_args.logging_steps == 0 or step == steps:
                 keys = sorted(window_extra)
@@ -228,6 +241,7 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
 def save_model(engine: TrainingEngine, tokenizer, output_dir: str, final_state: dict) -> None:
     """What the HF ecosystem loads: save_pretrained of the full model or of the peft adapter, the tokenizer,
     and trainer_state.json (whose presence marks a finished run). Under ZeRO-3 the shards are gathered."""
+    check_finite_weights(engine.module, "the final model")
     state_dict = engine.consolidated_state_dict() if engine.zero_stage == 3 else None
     if engine.dist.is_main:
         out = Path(output_dir)
