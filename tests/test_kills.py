@@ -41,38 +41,12 @@ def checkpoints(out):
     return sorted(int(p.name.split("-")[-1]) for p in out.glob("checkpoint-*[0-9]"))
 
 
-SLOW_SAVE = """
-import runpy, sys, time
-from stages.common.engine import TrainingEngine
-
-real = TrainingEngine.save_checkpoint
-def slow(self, directory, client_state):  # the engine state is on disk, the checkpoint not yet complete
-    real(self, directory, client_state)
-    time.sleep(0.5)
-TrainingEngine.save_checkpoint = slow
-sys.argv = sys.argv[2:] if sys.argv[1:2] == ["-m"] else sys.argv[1:]
-sys.argv[0] = "stages.cli"
-runpy.run_module("stages.cli", run_name="__main__", alter_sys=True)
-"""
-
-
-def slow_save_python(directory) -> str:
-    """A PYTHON for run_stage.sh whose checkpoint saves linger half-done for 0.5 s, so a kill lands inside one
-    (a tiny model saves in milliseconds; polling alone would miss it). The code under test is unchanged."""
-    (directory / "slow_save.py").write_text(SLOW_SAVE)
-    wrapper = directory / "python-slow-save"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {directory / 'slow_save.py'} \"$@\"\n")
-    wrapper.chmod(0o755)
-    return str(wrapper)
-
-
 def kill_when(stage: str, common: list[str], out, where: str, step, rng: random.Random) -> str:
     """Start (or resume) the stage, SIGKILL its process group at the planned point; returns what was hit."""
     config = STAGES[stage][0]
     command = [str(ROOT / "launch" / "run_stage.sh"), stage, "--config", str(config), *common, f"output_dir={out}",
                "resume_from_checkpoint=last"]
-    python = slow_save_python(out.parent) if where == "in_save" else sys.executable
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHON": python, "NUM_GPUS": "0"},
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable, "NUM_GPUS": "0"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline, hit = time.time() + 300, None
     while hit is None and time.time() < deadline and process.poll() is None:
