@@ -43,7 +43,8 @@ def rank_side(model_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from stages.common.backbone import apply_backbone, load_pretrained
-    from stages.common.config import STAGE_CONFIGS, parse_config
+    from stages.common.config import parse_config
+    from stages.registry import STAGE_CONFIGS
     from stages.common.distributed import init_distributed
     from stages.common.engine import TrainingEngine, resolve_deepspeed_config
 

@@ -22,6 +22,11 @@ from stages.common.backbone import trained_quantization
 from stages.common.masks import last_token_index, position_ids_from_mask
 
 STATS_FILE = "reward_stats.json"
+SCORE_HEAD = ["score"]  # the name transformers gives the scalar head of *ForSequenceClassification decoders
+# Used when a reward model does not record the max_length it was trained with (an exported or foreign model):
+# long enough for typical chat exchanges, short enough for a 7B reward model's activations on one GPU.
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_BATCH_SIZE = 16  # (prompt, response) pairs per forward when a caller does not say
 
 
 def score_head(model: nn.Module) -> nn.Module:
@@ -101,11 +106,23 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, base: str |
     return RewardModel(model).eval()
 
 
+def trained_max_length(path: str) -> int | None:
+    """The ``max_length`` a reward model was trained with, from its tristage_config.yaml (None if it has none)."""
+    import yaml
+
+    config_file = Path(path) / "tristage_config.yaml"
+    if not config_file.is_file():
+        return None
+    value = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("max_length")
+    return int(value) if isinstance(value, int) else None
+
+
 class RewardScorer:
     """Score (prompt, response) pairs as the RM stage trained on them: chat template, right padding,
-    reward at the last real token, optionally normalized with the saved statistics."""
+    reward at the last real token, optionally normalized with the saved statistics. ``max_length`` None = the
+    length the model was trained with (else DEFAULT_MAX_LENGTH)."""
 
-    def __init__(self, path: str, normalize: bool = False, max_length: int = 1024, batch_size: int = 16,
+    def __init__(self, path: str, normalize: bool = False, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  model: RewardModel | None = None, tokenizer=None):
         from stages.common.backbone import load_tokenizer
         from stages.common.config import ModelArguments
@@ -115,7 +132,8 @@ class RewardScorer:
         self.stats = RewardStats.load(path) if normalize else None
         if normalize and self.stats is None:
             raise FileNotFoundError(f"{path} has no {STATS_FILE}; train it with tristage rm or score without normalize")
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length = max_length or trained_max_length(path) or DEFAULT_MAX_LENGTH
+        self.batch_size = batch_size
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict] | str], responses: list[str]) -> list[float]:
@@ -137,11 +155,11 @@ class RewardScorer:
 
 def prompt_messages(record: dict) -> list[dict]:
     """A scoring record's prompt: ``prompt`` (string or messages) with an optional ``system``."""
+    from stages.common.data import with_system
+
     prompt = record["prompt"]
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    if record.get("system") and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": record["system"]}] + messages
-    return messages
+    return with_system(messages, record.get("system") or None)
 
 
 def main(argv=None) -> int:
@@ -153,8 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--input", required=True, help=".json/.jsonl records with prompt (string or messages), response, optional system")
     parser.add_argument("--output", required=True, help=".jsonl to write: the input records plus 'reward'")
     parser.add_argument("--normalize", action="store_true", help="(reward - mean) / std with the model's reward_stats.json")
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=None,
+                        help=f"tokens per (prompt, response); default: the model's training max_length, else {DEFAULT_MAX_LENGTH}")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs per forward")
     args = parser.parse_args(argv)
     records = read_local_records(args.input)
     for number, record in enumerate(records, start=1):

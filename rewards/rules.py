@@ -1,45 +1,33 @@
-"""Programmatic rewards. ``gold_judge`` is the demo task's ground-truth preference: the simulated human
-whose (noisy) labels train the reward model, and the judge that eval uses to tell whether RLHF helped."""
+"""Programmatic rewards, usable wherever a reward source is (``rule:NAME`` in PPO's ``reward_model``, eval's
+``judges``, the reward server): a rule is a function ``(prompt: str, response: str) -> float`` of the last user
+turn and the response.
+
+Rules come from three places, looked up in this order:
+  RULES              rules registered in code with ``@register_rule("name")``
+  entry points       any installed package can add rules under the ``tristage.rules`` entry-point group
+                     (this is how the demo adds ``gold_judge``: see pyproject.toml and stages/demo/judge.py)
+  RULE_FACTORIES     rules that take an argument: ``rule:NAME:ARG`` (``rule:keyword:please``)
+"""
 from __future__ import annotations
 
-import re
+from importlib.metadata import entry_points
+from typing import Callable
 
-from stages.demo.task import ATTRIBUTE_INDEX, POLITE_CLOSES, PRODUCTS, question_for_prompt
+Rule = Callable[[str, str], float]
+ENTRY_POINT_GROUP = "tristage.rules"
 
-RIGHT_FACT = 1.0
-POLITE_CLOSE = 0.3
-WORDS_BEFORE_PENALTY = 16
-PENALTY_PER_EXTRA_WORD = 0.02
-
-
-def _values(attribute: str) -> set[str]:
-    return {str(row[ATTRIBUTE_INDEX[attribute]]) for row in PRODUCTS}
+RULES: dict[str, Rule] = {}
 
 
-def has_right_fact(prompt: str, response: str) -> bool:
-    """The response states the asked fact and no other value of the same attribute."""
-    question = question_for_prompt(prompt)
-    if question is None:
-        return False
-    stated = set(re.findall(r"\w+", response.lower()))
-    right = question.answer.lower()
-    wrong = {v.lower() for v in _values(question.attribute)} - {right}
-    return right in stated and not (stated & wrong)
+def register_rule(name: str):
+    def wrap(rule: Rule) -> Rule:
+        RULES[name] = rule
+        return rule
+
+    return wrap
 
 
-def gold_judge(prompt: str, response: str) -> float:
-    """+1 for the right fact (and no wrong one), +0.3 for a polite close, minus a little per word past 16."""
-    score = RIGHT_FACT if has_right_fact(prompt, response) else 0.0
-    if any(response.rstrip().endswith(close) for close in POLITE_CLOSES):
-        score += POLITE_CLOSE
-    score -= PENALTY_PER_EXTRA_WORD * max(0, len(response.split()) - WORDS_BEFORE_PENALTY)
-    return round(score, 6)
-
-
-RULES = {"gold_judge": gold_judge}
-
-
-def keyword_rule(word: str):
+def keyword_rule(word: str) -> Rule:
     """rule:keyword:WORD — the number of times WORD occurs in the response (a simple, steerable reward)."""
     def count(prompt: str, response: str) -> float:
         return float(response.count(word))
@@ -47,5 +35,22 @@ def keyword_rule(word: str):
     return count
 
 
-# Rules that take an argument: rule:NAME:ARG
-RULE_FACTORIES = {"keyword": keyword_rule}
+RULE_FACTORIES: dict[str, Callable[[str], Rule]] = {"keyword": keyword_rule}
+
+
+def installed_rules() -> dict[str, object]:
+    """Entry points of the ``tristage.rules`` group, by name (loaded only when a rule is used)."""
+    return {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def find_rule(name: str, arg: str = "") -> Rule | None:
+    """The rule ``rule:NAME`` (or ``rule:NAME:ARG`` for a factory), or None if no such rule is known."""
+    if arg:
+        return RULE_FACTORIES[name](arg) if name in RULE_FACTORIES else None
+    if name not in RULES and name in (points := installed_rules()):
+        RULES[name] = points[name].load()
+    return RULES.get(name)
+
+
+def known_rules() -> list[str]:
+    return sorted({*RULES, *installed_rules()}) + [f"{name}:ARG" for name in RULE_FACTORIES]

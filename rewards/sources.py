@@ -1,40 +1,73 @@
-"""The reward PPO and eval optimize or judge with: one or more sources, summed with weights.
+"""The reward PPO optimizes and eval judges with: one or more sources, summed with weights.
 
 A source is written as
   a directory      a reward model (full, exported or adapter) from the RM stage; normalized with its
                    reward_stats.json when ``normalize`` is on
-  rule:NAME[:ARG]  a programmatic rule from rewards/rules.py (rule:gold_judge, rule:keyword:please)
-  http(s)://URL    a reward server (rewards/remote.py)
+  rule:NAME[:ARG]  a programmatic rule (rewards/rules.py: rule:keyword:please, or a rule a package registers,
+                   such as the demo's rule:gold_judge)
+  http(s)://URL    a reward server (rewards/remote.py, rewards/server.py)
 
 Each source scores (prompt messages, response text) pairs; ``Reward.__call__`` returns the weighted sum of
 the raw scores and the weighted sum of the normalized scores.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from rewards.model import DEFAULT_BATCH_SIZE
 from stages.common.errors import ConfigError
+
+
+@dataclass
+class RewardSourceArguments:
+    """How reward sources score, for PPO's ``reward_model`` and eval's ``judges`` alike."""
+
+    reward_max_length: int | None = field(default=None, metadata={
+        "help": "Tokens of chat_template(prompt + response) a reward model scores (longer ones are right-truncated); "
+                "None = the max_length the reward model was trained with (its tristage_config.yaml), else 1024."})
+    remote_timeout: float = field(default=60.0, metadata={"help": "Seconds a reward server may take to answer one request."})
+    remote_retries: int = field(default=3, metadata={"help": "Attempts per request to a reward server before the run stops."})
+    remote_batch_size: int = field(default=64, metadata={"help": "Responses sent to a reward server per request."})
+
+    def __post_init__(self):
+        if self.reward_max_length is not None and self.reward_max_length < 1:
+            raise ConfigError("must be >= 1 (or unset: the reward model's own max_length)", key="reward_max_length")
+        if self.remote_timeout <= 0:
+            raise ConfigError("must be > 0 seconds", key="remote_timeout")
+        if self.remote_retries < 1:
+            raise ConfigError("must be >= 1", key="remote_retries")
+        if self.remote_batch_size < 1:
+            raise ConfigError("must be >= 1", key="remote_batch_size")
 
 
 def last_user_text(prompt: list[dict]) -> str:
     return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
+def is_rule(spec: str) -> bool:
+    return spec.startswith("rule:")
+
+
+def is_remote(spec: str) -> bool:
+    return spec.startswith("http://") or spec.startswith("https://")
+
+
+def is_model_source(spec: str) -> bool:
+    return not (is_rule(spec) or is_remote(spec))
+
+
 class RuleSource:
-    def __init__(self, spec: str):
-        from rewards.rules import RULE_FACTORIES, RULES
+    def __init__(self, spec: str, key: str = "reward_model"):
+        from rewards.rules import find_rule, known_rules
 
         name, _, arg = spec[len("rule:"):].partition(":")
-        if name in RULES and not arg:
-            self.rule = RULES[name]
-        elif name in RULE_FACTORIES and arg:
-            self.rule = RULE_FACTORIES[name](arg)
-        else:
-            known = ", ".join([*RULES, *(f"{k}:ARG" for k in RULE_FACTORIES)])
-            raise ConfigError(f"unknown rule {spec!r} (known: {known})", key="reward_model")
+        self.rule = find_rule(name, arg)
+        if self.rule is None:
+            raise ConfigError(f"unknown rule {spec!r} (known: {', '.join(known_rules())})", key=key)
         self.spec = spec
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
@@ -43,10 +76,11 @@ class RuleSource:
 
 
 class RemoteSource:
-    def __init__(self, url: str):
+    def __init__(self, url: str, settings: RewardSourceArguments):
         from rewards.remote import RemoteReward
 
-        self.client, self.spec = RemoteReward(url), url
+        self.client = RemoteReward(url, settings.remote_timeout, settings.remote_retries, settings.remote_batch_size)
+        self.spec = url
 
     def __call__(self, prompts, responses):
         scores = self.client(prompts, responses)
@@ -57,7 +91,7 @@ class ModelSource:
     """A reward model through ``RewardScorer`` (chat template, reward at the last real token). ``model`` may
     be a DeepSpeed inference engine (ZeRO-3) or a shared-backbone view; by default the directory is loaded."""
 
-    def __init__(self, path: str, normalize: bool, max_length: int = 1024, batch_size: int = 16, model=None, tokenizer=None):
+    def __init__(self, path: str, normalize: bool, max_length: int | None, batch_size: int, model=None, tokenizer=None):
         from rewards.model import RewardScorer, RewardStats
 
         if not Path(path).is_dir():
@@ -75,16 +109,31 @@ class ModelSource:
         return raw, self.stats.normalize(torch.tensor(raw, dtype=torch.float64)).tolist()
 
 
-def is_model_source(spec: str) -> bool:
-    return not (spec.startswith("rule:") or spec.startswith("http://") or spec.startswith("https://"))
+def check_specs(specs: list[str] | None, key: str, allow_missing: bool = False) -> list[str]:
+    """Before anything loads: every spec is a known rule, an http(s) URL or an existing directory. With
+    ``allow_missing`` (a dry run, or a pipeline whose RM stage has not run yet) missing directories are
+    returned instead of refused."""
+    if not specs:
+        raise ConfigError("no reward given: a reward model directory, rule:NAME or an http(s) URL", key=key)
+    missing = []
+    for spec in specs:
+        if is_rule(spec):
+            RuleSource(spec, key=key)  # raises for an unknown rule
+        elif is_model_source(spec) and not Path(spec).is_dir():
+            if not allow_missing:
+                raise ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an http(s) URL", key=key)
+            missing.append(spec)
+    return missing
 
 
-def build_source(spec: str, normalize: bool, max_length: int = 1024, batch_size: int = 16, model=None, tokenizer=None):
-    if spec.startswith("rule:"):
+def build_source(spec: str, normalize: bool, batch_size: int = DEFAULT_BATCH_SIZE, settings: RewardSourceArguments | None = None,
+                 model=None, tokenizer=None):
+    settings = settings or RewardSourceArguments()
+    if is_rule(spec):
         return RuleSource(spec)
-    if spec.startswith("http://") or spec.startswith("https://"):
-        return RemoteSource(spec)
-    return ModelSource(spec, normalize, max_length, batch_size, model=model, tokenizer=tokenizer)
+    if is_remote(spec):
+        return RemoteSource(spec, settings)
+    return ModelSource(spec, normalize, settings.reward_max_length, batch_size, model=model, tokenizer=tokenizer)
 
 
 class Reward:
@@ -105,11 +154,11 @@ class Reward:
         return raw, normalized
 
 
-def build_reward(specs: list[str], weights: list[float] | None = None, normalize: bool = True, max_length: int = 1024,
-                 batch_size: int = 16, models: dict | None = None, tokenizer=None) -> Reward:
-    """``models`` maps a reward-model spec to an already built model (engine or shared view) to use for it."""
-    if not specs:
-        raise ConfigError("no reward given: a reward model directory, rule:NAME or an http(s) URL", key="reward_model")
+def build_reward(specs: list[str], weights: list[float] | None = None, normalize: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                 settings: RewardSourceArguments | None = None, models: dict | None = None, tokenizer=None) -> Reward:
+    """``batch_size``: responses a reward model scores per forward. ``models`` maps a reward-model spec to an already
+    built model (engine or shared view) to use for it."""
+    check_specs(specs, key="reward_model")
     models = models or {}
-    return Reward([build_source(s, normalize, max_length, batch_size, model=models.get(s), tokenizer=tokenizer if s in models else None)
+    return Reward([build_source(s, normalize, batch_size, settings, model=models.get(s), tokenizer=tokenizer if s in models else None)
                    for s in specs], weights)

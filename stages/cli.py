@@ -1,12 +1,13 @@
 """``tristage <command>``: the console entry point. Bad input (config or data) is one line on stderr and
-exit code 2, before any training starts."""
+exit code 2, before any training starts; a run that cannot go on is one line and exit code 3."""
 from __future__ import annotations
 
 import sys
-from typing import Callable
 
-from stages.common.errors import INPUT_ERROR_EXIT_CODE, MEMORY_KNOBS, RUN_ERROR_EXIT_CODE, InputError, RunError, is_out_of_memory
+from stages.common.errors import INPUT_ERROR_EXIT_CODE, run_stage_main
 
+# command: (the module whose main(argv) runs it, what it does). A table: its rows share a shape by design, which is
+# the one pair the duplicates tool reports in stages/.
 COMMANDS = {
     "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
     "rm": ("stages.rm.train", "stage 2: reward model on preference pairs"),
@@ -15,36 +16,19 @@ COMMANDS = {
     "eval": ("stages.eval.compare", "compare models (SFT-only vs RLHF) on held-out prompts"),
     "collect": ("rewards.collect.cli", "human preference collection: web app, SQLite store, agreement, export"),
     "score": ("rewards.model", "score a file of (prompt, response) records with a reward model"),
-    "reward-server": ("rewards.remote", "serve reward model(s) or rules over HTTP for PPO"),
+    "reward-server": ("rewards.server", "serve reward model(s) or rules over HTTP for PPO"),
     "export": ("stages.common.export", "merge an adapter into a standalone model"),
     "demo": ("stages.demo.build", "build the demo's base model and data (no download)"),
-    "estimate": ("stages.common.estimate", "per-GPU memory of a stage's config from the model's config.json (no weights)"),
+    "estimate": ("stages.cli", "per-GPU memory of a stage's config from the model's config.json (no weights)"),
     "config-get": ("stages.cli", "print one key of a resolved config (used by launch/run_stage.sh)"),
 }
-
-
-def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
-    try:
-        result = entry(argv)
-    except InputError as err:
-        print(f"tristage: error: {err}", file=sys.stderr)
-        return INPUT_ERROR_EXIT_CODE
-    except RunError as err:
-        print(f"tristage: error: {err}", file=sys.stderr)
-        return RUN_ERROR_EXIT_CODE
-    except Exception as err:  # noqa: BLE001 - only out-of-memory is turned into advice; anything else propagates
-        if not is_out_of_memory(err):
-            raise
-        print(f"tristage: error: out of memory ({str(err).splitlines()[0][:200]}); reduce it with {MEMORY_KNOBS} "
-              "(launch/run_stage.sh <stage> --estimate shows what each saves)", file=sys.stderr)
-        return RUN_ERROR_EXIT_CODE
-    return result if isinstance(result, int) else 0
 
 
 def config_get(argv: list[str]) -> int:
     """``tristage config-get STAGE KEY[,KEY...] [--config FILE] [overrides]``: the values the stage would use
     (defaults included), one per line. Also validates the config, so the launcher fails fast on a bad one."""
-    from stages.common.config import STAGE_CONFIGS, parse_config
+    from stages.common.config import parse_config
+    from stages.registry import STAGE_CONFIGS
 
     stage, keys, rest = argv[0], argv[1].split(","), argv[2:]
     configs = parse_config(rest, STAGE_CONFIGS[stage])
@@ -54,16 +38,66 @@ def config_get(argv: list[str]) -> int:
     return 0
 
 
+def _gpu_defaults() -> tuple[int, float]:
+    """GPUs per node and GiB per GPU from this machine when it has GPUs, else a typical 8 x 80 GiB node."""
+    import torch
+
+    from stages.common.estimate import GIB
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
+    return 8, 80.0
+
+
+def estimate(argv: list[str]) -> int:
+    """``tristage estimate sft|rm|ppo [--gpus-per-node N] [--nodes N] [--gpu-memory GIB] [--json FILE] --config FILE [k=v ...]``
+    (``launch/run_stage.sh STAGE --estimate`` passes NUM_GPUS, NNODES and GPU_MEMORY_GIB from the environment): per-GPU
+    memory from the configs alone (stages/common/estimate.py). Exit code 0 when the run fits, 1 when it does not,
+    2 for a bad config."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from stages.common.config import parse_config
+    from stages.common.errors import ConfigError
+    from stages.common.estimate import estimate_stage, print_estimate
+    from stages.registry import STAGE_CONFIGS
+
+    gpus_default, memory_default = _gpu_defaults()
+    parser = argparse.ArgumentParser(prog="tristage estimate")
+    parser.add_argument("stage", choices=("sft", "rm", "ppo"))
+    parser.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("NUM_GPUS") or 0) or gpus_default)
+    parser.add_argument("--nodes", type=int, default=int(os.environ.get("NNODES") or 1))
+    parser.add_argument("--gpu-memory", type=float, default=float(os.environ.get("GPU_MEMORY_GIB") or memory_default), help="GiB per GPU")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args, rest = parser.parse_known_args(argv)
+    if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory <= 0:
+        raise ConfigError("GPUs per node, nodes and GPU memory must be positive", key="estimate")
+    if not torch.cuda.is_available():
+        rest = [*rest, "use_cpu=true"]  # lets a bf16 recipe parse on a CPU login node; nothing runs
+    configs = parse_config(rest, STAGE_CONFIGS[args.stage])
+    est = estimate_stage(args.stage, configs, args.gpus_per_node * args.nodes, args.gpu_memory)
+    print_estimate(est)
+    if args.json:
+        Path(args.json).write_text(json.dumps(est.to_dict(), indent=2))
+    return 0 if est.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: tristage <command> [--config FILE] [key=value ...]\n\ncommands:")
         for name, (_module, help_text) in COMMANDS.items():
-            print(f"  {name:<11} {help_text}")
+            print(f"  {name:<13} {help_text}")
         return 0 if argv and argv[0] in ("-h", "--help") else INPUT_ERROR_EXIT_CODE
     command, rest = argv[0], argv[1:]
     if command == "config-get":
         return run_stage_main(config_get, rest)
+    if command == "estimate":
+        return run_stage_main(estimate, rest)
     import importlib
 
     module = importlib.import_module(COMMANDS[command][0])

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from stages.common.config import STAGE_CONFIGS, load_yaml, parse_config
+from stages.common.config import load_yaml, parse_config
 from stages.common.errors import ConfigError
+from stages.registry import STAGE_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ["sft", "rm", "ppo", "eval"]

@@ -69,7 +69,8 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "recipes").glob("*/*/*.yaml")), ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.stem}")
 def test_every_gpu_recipe_parses(recipe):
     """Recipes are GPU starting points; use_cpu lets transformers accept their bf16 on a CPU."""
-    from stages.common.config import STAGE_CONFIGS, parse_config
+    from stages.common.config import parse_config
+    from stages.registry import STAGE_CONFIGS
 
     extra = [] if recipe.stem == "eval" else ["use_cpu=true"]
     configs = parse_config(["--config", str(recipe), *extra], STAGE_CONFIGS[recipe.stem])

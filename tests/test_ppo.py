@@ -37,16 +37,17 @@ def test_generated_logprobs_equal_an_unpadded_forward(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from stages.common.backbone import load_tokenizer
-    from stages.common.config import ModelArguments, PPOArguments
-    from stages.ppo.rollout import (generate, generation_config, join, left_pad, response_logits, response_mask,
-                                    token_logprobs)
+    from stages.common.config import ModelArguments
+    from stages.common.generation import (generate, generation_config, join, left_pad, response_logits, response_mask,
+                                          token_logprobs)
+    from stages.common.generation import SamplingArguments
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in
                ["How long is the warranty?", "Hi", "What color is the Willow chair and how much does it cost today?"]]
-    settings = PPOArguments(temperature=0.7, max_new_tokens=10)
+    settings = SamplingArguments(temperature=0.7, max_new_tokens=10)
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
     assert prompt_mask[1].sum() < prompt_mask.shape[1]  # really padded
     response = generate(model, prompt_ids, prompt_mask, generation_config(settings, tokenizer))
@@ -116,17 +117,19 @@ def test_shared_backbone_reference_and_reward_equal_the_standalone_models(lora_s
 
     from rewards.model import RewardScorer, load_reward_model
     from stages.common.backbone import load_policy, load_tokenizer
-    from stages.common.config import STAGE_CONFIGS, parse_config
+    from stages.common.config import parse_config
     from stages.common.distributed import DistInfo
-    from stages.ppo.models import SharedRoles
-    from stages.ppo.rollout import join, left_pad, response_mask
+    from stages.common.generation import join, left_pad, response_mask
+    from stages.ppo.config import ARGUMENTS
+    from stages.ppo.roles import SharedRoles
 
     sft, rm = lora_stages
-    model_args, _data, backbone, ppo_args, train_args = parse_config(
+    model_args, _data, backbone, ppo_args, _sampling, reward_settings, train_args = parse_config(
         ["--config", str(TINY_PPO), f"model_name_or_path={sft}", f"reward_model={rm}", "critic_init=reward",
-         "finetuning_type=lora", "shared_backbone=true", "output_dir=/tmp/unused"], STAGE_CONFIGS["ppo"])
+         "finetuning_type=lora", "shared_backbone=true", "output_dir=/tmp/unused"], ARGUMENTS)
     tokenizer = load_tokenizer(model_args)
-    roles = SharedRoles(ppo_args, model_args, backbone, train_args, tokenizer, steps=10, dist=DistInfo(0, 1, 0), ds_config=None)
+    roles = SharedRoles(ppo_args, model_args, backbone, train_args, tokenizer, steps=10, dist=DistInfo(0, 1, 0), ds_config=None,
+                        reward_settings=reward_settings)
 
     # one base model: a single embedding table serves every role
     embeddings = {id(m.weight) for m in roles.shared.modules() if isinstance(m, nn.Embedding)}
@@ -229,16 +232,16 @@ def test_a_nan_reward_skips_the_iteration(tmp_path, tiny_model, monkeypatch):
 
 
 def test_a_nan_loss_skips_the_update(tmp_path, tiny_model, monkeypatch):
-    from stages.ppo import trainer
+    from stages.ppo import update
 
-    real, calls = trainer.policy_loss, {"n": 0}
+    real, calls = update.policy_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
 
-    monkeypatch.setattr(trainer, "policy_loss", poisoned)
+    monkeypatch.setattr(update, "policy_loss", poisoned)
     with pytest.warns(UserWarning, match="non-finite policy loss"):
         out = run_in_process(tmp_path, tiny_model)
     assert sum(m["skipped_updates"] for m in read_metrics(out)) == 1
@@ -248,7 +251,8 @@ def test_a_nan_loss_skips_the_update(tmp_path, tiny_model, monkeypatch):
 def test_remote_reward_server_round_trip():
     import threading
 
-    from rewards.remote import RemoteReward, RemoteRewardError, make_server
+    from rewards.remote import RemoteReward, RemoteRewardError
+    from rewards.server import make_server
     from rewards.sources import build_reward
 
     local = build_reward(["rule:gold_judge"])
@@ -261,11 +265,11 @@ def test_remote_reward_server_round_trip():
         remote = build_reward([url, "rule:gold_judge"], [1.0, -1.0])  # remote minus local: zero
         raw, normalized = remote(prompts, responses)
         assert raw.tolist() == [0.0, 0.0] and normalized.tolist() == [0.0, 0.0]
-        assert RemoteReward(url)(prompts, responses) == local(prompts, responses)[0].tolist()
+        assert RemoteReward(url, timeout=60, retries=3, batch_size=64)(prompts, responses) == local(prompts, responses)[0].tolist()
     finally:
         server.shutdown()
     with pytest.raises(RemoteRewardError, match="failed after 1 attempts"):
-        RemoteReward("http://127.0.0.1:9/none", timeout=1, retries=1)(prompts, responses)
+        RemoteReward("http://127.0.0.1:9/none", timeout=1, retries=1, batch_size=64)(prompts, responses)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -106,7 +106,8 @@ def test_zero2_model_states_agree_with_deepspeed(gpus, offload):
 
 def test_the_estimate_moves_the_right_way_with_each_knob():
     """Checkpointing, LoRA, QLoRA, more ZeRO partitioning and the shared backbone each lower the peak."""
-    from stages.common.config import STAGE_CONFIGS, parse_config
+    from stages.common.config import parse_config
+    from stages.registry import STAGE_CONFIGS
     from stages.common.estimate import estimate_stage
 
     def peak(recipe: str, *overrides: str, gpus: int = 8, stage: str = "sft") -> float:
@@ -127,11 +128,11 @@ def test_the_estimate_moves_the_right_way_with_each_knob():
 # ------------------------------------------------------------------------------- every recipe
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=recipe_id)
 def test_every_recipe_fits_its_target_hardware_by_the_estimate(recipe, tmp_path):
-    from stages.common.estimate import main
+    from stages.cli import estimate
 
     nodes, gpus_per_node, memory = target_hardware(recipe)
     out = tmp_path / "estimate.json"
-    code = main([recipe.stem, "--gpus-per-node", str(gpus_per_node), "--nodes", str(nodes), "--gpu-memory", str(memory),
+    code = estimate([recipe.stem, "--gpus-per-node", str(gpus_per_node), "--nodes", str(nodes), "--gpu-memory", str(memory),
                  "--json", str(out), "--config", str(recipe)])
     report = json.loads(out.read_text())
     assert code == 0 and report["fits"], report

@@ -32,9 +32,9 @@ def _prompt(record: dict, source: str, number: int) -> list[dict]:
         messages = prompt
     else:
         raise DataError(source, "must be a non-empty string or a list of {role, content} messages", record=number, field="prompt")
-    if isinstance(record.get("system"), str) and record["system"] and messages[0].get("role") != "system":
-        messages = [{"role": "system", "content": record["system"]}] + messages
-    return messages
+    from stages.common.data import with_system
+
+    return with_system(messages, record["system"] if isinstance(record.get("system"), str) else None)
 
 
 def items_from_pairs(path: str, seed: int = 0) -> list[dict]:
@@ -64,22 +64,23 @@ def items_from_pairs(path: str, seed: int = 0) -> list[dict]:
     return items
 
 
-def items_from_models(models: list[str], prompts_file: str, seed: int, max_new_tokens: int, temperature: float) -> list[dict]:
+def items_from_models(models: list[str], prompts_file: str, seed: int, max_new_tokens: int, temperature: float,
+                      max_prompt_length: int, batch_size: int) -> list[dict]:
     """Two responses per prompt: one from each of two models, or two samples of one model."""
     from stages.common.backbone import load_policy, load_tokenizer
-    from stages.common.config import DataArguments, EvalArguments, ModelArguments
+    from stages.common.config import DataArguments, ModelArguments
     from stages.common.data import build_prompt_data
-    from stages.eval.compare import sample_responses
+    from stages.common.generation import SamplingArguments, sample_responses
 
     if len(models) not in (1, 2):
         raise DataError("models", "give one model (two samples per prompt) or two models (one response each)")
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=models[0]))
-    prompts = build_prompt_data(DataArguments(dataset=[prompts_file]), tokenizer, seed=seed, max_prompt_length=1024).train
-    settings = EvalArguments(models=models, samples_per_prompt=2 if len(models) == 1 else 1, temperature=temperature,
-                             max_new_tokens=max_new_tokens, seed=seed)
+    sampling = SamplingArguments(max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, temperature=temperature)
+    prompts = build_prompt_data(DataArguments(dataset=[prompts_file]), tokenizer, seed=seed, max_prompt_length=max_prompt_length).train
     texts = []
     for path in models:
-        texts.append(sample_responses(load_policy(path).eval(), tokenizer, prompts, settings)["texts"])
+        texts.append(sample_responses(load_policy(path).eval(), tokenizer, prompts, sampling, samples_per_prompt=2 if len(models) == 1 else 1,
+                                      batch_size=batch_size, seed=seed)["texts"])
     rng = random.Random(seed)
     items = []
     for i, prompt in enumerate(prompts):
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--prompts", default=None, help="prompts for --models (any registry format)")
             sub.add_argument("--max-new-tokens", type=int, default=256)
             sub.add_argument("--temperature", type=float, default=1.0)
+            sub.add_argument("--max-prompt-length", type=int, default=1024,
+                             help="--models: prompts longer than this many tokens keep their last ones")
+            sub.add_argument("--batch-size", type=int, default=32, help="--models: rows per generate call")
             sub.add_argument("--seed", type=int, default=0)
         if name in ("serve", "stats"):
             sub.add_argument("--labels-per-item", type=int, default=1, help="k: answers an item needs before it leaves the queue")
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.models:
             if not args.prompts:
                 raise DataError("prompts", "--models needs --prompts")
-            items += items_from_models(args.models, args.prompts, args.seed, args.max_new_tokens, args.temperature)
+            items += items_from_models(args.models, args.prompts, args.seed, args.max_new_tokens, args.temperature,
+                                       args.max_prompt_length, args.batch_size)
         if items:
             print(f"[tristage] collect: {store.add_items(items)} new item(s) of {len(items)} in {args.db}", flush=True)
     if args.command == "serve":

@@ -83,92 +83,6 @@ class BackboneArguments:
 
 
 @dataclass
-class RewardArguments:
-    center_rewards_coefficient: float = field(
-        default=0.0, metadata={"help": "Weight of (r_chosen + r_rejected)^2 in the loss, keeping rewards centered at 0 "
-                                       "(Eisenstein et al. 2023); 0 = off."})
-    use_margin: bool = field(default=True, metadata={"help": "Use each pair's margin field in -log sigmoid(r+ - r- - margin)."})
-
-
-@dataclass
-class PPOArguments:
-    """Stage 3. Defaults follow lm-human-preferences / "The N implementation details of RLHF with PPO" unless
-    noted. ``max_steps`` counts PPO iterations (else ``num_train_epochs`` passes over the prompts);
-    ``save_steps`` and ``logging_steps`` count iterations too; ``learning_rate`` is the actor's."""
-
-    # ---- roles
-    reward_model: list[str] = field(default=None, metadata={
-        "help": "Reward sources, summed with reward_weights: a reward-model directory (full or adapter), "
-                "rule:NAME (rewards/rules.py), or an http(s):// URL (rewards/remote.py)."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward source; None = all 1."})
-    critic_init: str = field(default="reward", metadata={
-        "help": "reward: the critic starts as the first reward model (its head predicts values); actor: from the SFT model "
-                "with a new zero-initialized value head."})
-    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "Frozen reference policy; None = the SFT model."})
-    shared_backbone: bool = field(default=False, metadata={
-        "help": "lora/qlora only: actor, reference, critic and reward share one base model as adapters (one copy in memory)."})
-    critic_learning_rate: float | None = field(default=None, metadata={"help": "None = learning_rate."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (shared backbone, where one optimizer trains both)."})
-    # ---- rollout
-    rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per iteration over all processes."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Longer prompts are cut from the left (the end is kept)."})
-    max_new_tokens: int = 64
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; log-probs use logits / temperature too."})
-    top_p: float = 1.0
-    top_k: int = field(default=0, metadata={"help": "0 = off."})
-    # ---- reward shaping
-    reward_normalize: bool = field(default=True, metadata={"help": "(r - mean) / std with each reward model's reward_stats.json."})
-    reward_clip: float = field(default=0.0, metadata={"help": "Clip scores to [-c, c] after normalization; 0 = off."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards over the rollout (keeping the mean)."})
-    missing_eos_penalty: float = field(default=1.0, metadata={
-        "help": "Subtracted from the score of a response that hit max_new_tokens without EOS; 0 = off."})
-    # ---- KL control
-    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log-ratio) or k3 (always >= 0, lower variance)."})
-    init_kl_coef: float = field(default=0.05, metadata={"help": "beta, the per-token KL penalty coefficient (its start when adaptive)."})
-    adaptive_kl: bool = field(default=False, metadata={"help": "Ziegler et al. proportional controller towards kl_target."})
-    kl_target: float = field(default=6.0, metadata={"help": "Target KL (nats per response) for adaptive_kl."})
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (in rollouts) of the adaptive controller."})
-    # ---- PPO update
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout; minibatch = per_device_train_batch_size x "
-                                                         "gradient_accumulation_steps x processes."})
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon."})
-    clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values; 0 = unclipped."})
-    whiten_advantages: bool = True
-    # ---- extras
-    ptx_coef: float = field(default=0.0, metadata={"help": "InstructGPT ptx: weight of a language-model loss on ptx_dataset; 0 = off."})
-    ptx_dataset: list[str] | None = field(default=None, metadata={"help": "SFT-format data for the ptx loss."})
-    ema_decay: float = field(default=0.0, metadata={"help": "Keep an EMA of the actor (saved to output_dir/ema); 0 = off. E.g. 0.992."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Dropout off in every role, so rollout and update log-probs agree."})
-
-
-@dataclass
-class EvalArguments:
-    """Compare models on held-out prompts with the same sampling settings and seeds (stages/eval)."""
-
-    models: list[str] = field(default=None, metadata={"help": "Model directories: full, adapter, adapter stack or exported."})
-    model_names: list[str] | None = field(default=None, metadata={"help": "Display names, one per model; default: directory names."})
-    reference_model: str | None = field(default=None, metadata={"help": "KL is measured against this model; default: the first."})
-    judges: list[str] = field(default_factory=lambda: ["rule:gold_judge"], metadata={
-        "help": "Reward-model directories, rule:NAME, or http(s) URLs; each scores every response."})
-    judge_normalize: bool = field(default=False, metadata={"help": "Report reward-model scores normalized by reward_stats.json."})
-    samples_per_prompt: int = field(default=4, metadata={"help": "Responses per prompt and model (paired across models by index)."})
-    temperature: float = field(default=1.0, metadata={"help": "0 = greedy."})
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    max_prompt_length: int = 256
-    batch_size: int = 32
-    seed: int = 0
-    bootstrap_samples: int = 2000
-    num_examples: int = field(default=3, metadata={"help": "Side-by-side examples in the report."})
-    export_pairs: str | None = field(default=None, metadata={
-        "help": "Write every (prompt, response A, response B) pair, A/B order randomized, as jsonl for collect."})
-    output_dir: str = field(default="runs/eval", metadata={"help": "eval_report.json, eval_report.png, responses.jsonl go here."})
-
-
-@dataclass
 class TrainArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the few knobs tristage's own loop adds."""
 
@@ -300,11 +214,3 @@ def save_resolved_config(output_dir: str, *configs, name: str = "tristage_config
     path = Path(output_dir) / name
     path.write_text(yaml.safe_dump(config_to_dict(*configs), sort_keys=True, allow_unicode=True), encoding="utf-8")
     return path
-
-
-STAGE_CONFIGS: dict[str, tuple[type, ...]] = {
-    "sft": (ModelArguments, DataArguments, BackboneArguments, TrainArguments),
-    "rm": (ModelArguments, DataArguments, BackboneArguments, RewardArguments, TrainArguments),
-    "ppo": (ModelArguments, DataArguments, BackboneArguments, PPOArguments, TrainArguments),
-    "eval": (DataArguments, EvalArguments),
-}

@@ -3,8 +3,9 @@ offload) when ``deepspeed:`` names a config. The stage's loop calls the same fou
 ``backward(loss)`` per micro-batch, ``optimizer_step()`` per accumulation window, ``save/load_checkpoint``,
 and ``consolidated_state_dict()`` for the final model.
 
-We drive DeepSpeed directly rather than through the HF Trainer because accelerate sees a multi-process
-CPU run as one process (see DESIGN.md); ``deepspeed.initialize`` does not have that problem.
+We drive DeepSpeed directly rather than through the HF Trainer because accelerate 1.15 sees a multi-process
+CPU run as one process (it sets num_processes=1 without CUDA unless use_cpu is on); ``deepspeed.initialize``
+works across processes on CPU (gloo) and GPU (NCCL) alike.
 """
 from __future__ import annotations
 
@@ -65,9 +66,18 @@ def resolve_deepspeed_config(train_args, dist: DistInfo) -> dict | None:
     return config
 
 
-def fill_model_dependent_auto(config: dict, hidden_size: int) -> None:
+MODEL_DEPENDENT_AUTO = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def fill_model_dependent_auto(config: dict, hidden_size: int | None) -> None:
     """ZeRO bucket sizes that depend on the model's width (DeepSpeed-recommended formulas, as in HF)."""
     zero = config.get("zero_optimization", {})
+    if hidden_size is None:
+        auto = [key for key in MODEL_DEPENDENT_AUTO if zero.get(key) == "auto"]
+        if auto:
+            raise ConfigError(f"the model's config has no hidden_size to derive zero_optimization.{auto[0]} from; "
+                              f"set {', '.join(auto)} to numbers in the DeepSpeed config", key="deepspeed")
+        return
     _fill_auto(zero, "reduce_bucket_size", hidden_size * hidden_size)
     _fill_auto(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
     _fill_auto(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
@@ -107,8 +117,7 @@ class TrainingEngine:
         else:
             import deepspeed
 
-            hidden = getattr(model.config.get_text_config(), "hidden_size", 1024)
-            fill_model_dependent_auto(ds_config, hidden)
+            fill_model_dependent_auto(ds_config, getattr(model.config.get_text_config(), "hidden_size", None))
             optimizer = None if "optimizer" in ds_config else build_optimizer(model, train_args)
             scheduler = None
             if "scheduler" not in ds_config and optimizer is not None:

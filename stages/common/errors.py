@@ -1,5 +1,9 @@
-"""Errors for bad user input: reported as one line with exit code 2, before any training starts."""
+"""Errors and exit codes: bad user input is one line and exit code 2, before any training starts; a run that
+cannot go on is one line and exit code 3 (``run_stage_main`` maps them)."""
 from __future__ import annotations
+
+import sys
+from typing import Callable
 
 INPUT_ERROR_EXIT_CODE = 2
 
@@ -55,3 +59,22 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
+    """Run a command's ``main`` and turn our errors into one line on stderr and their exit code."""
+    try:
+        result = entry(argv)
+    except InputError as err:
+        print(f"tristage: error: {err}", file=sys.stderr)
+        return INPUT_ERROR_EXIT_CODE
+    except RunError as err:
+        print(f"tristage: error: {err}", file=sys.stderr)
+        return RUN_ERROR_EXIT_CODE
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is turned into advice; anything else propagates
+        if not is_out_of_memory(err):
+            raise
+        print(f"tristage: error: out of memory ({str(err).splitlines()[0][:200]}); reduce it with {MEMORY_KNOBS} "
+              "(launch/run_stage.sh <stage> --estimate shows what each saves)", file=sys.stderr)
+        return RUN_ERROR_EXIT_CODE
+    return result if isinstance(result, int) else 0

@@ -279,15 +279,15 @@ def model_state_matrix(shape: ModelShape, backbone, gpus: int, lm_head: bool) ->
             for kind in ("full", "lora", "qlora")}
 
 
-def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, ppo_args, train_args, gpus: int, gpu_memory_gib: float,
-                 eager_attention: bool = False) -> Estimate:
+def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, ppo_args, sampling, train_args, gpus: int,
+                 gpu_memory_gib: float, eager_attention: bool = False) -> Estimate:
     """The four roles: actor and critic train, reference and reward run forwards; separate models, or one
     shared base with four adapters (lora/qlora). Peak = all model states + the larger of generation (KV cache,
     and under ZeRO-3 the actor gathered in full) and a training micro-batch."""
     zero = ZeroSettings.from_train_args(train_args)
     reward_shape = reward_shape or shape
     micro = train_args.per_device_train_batch_size
-    seq = ppo_args.max_prompt_length + ppo_args.max_new_tokens
+    seq = sampling.max_prompt_length + sampling.max_new_tokens
     checkpointing = bool(train_args.gradient_checkpointing)
     adapters = backbone.finetuning_type in ("lora", "qlora")
 
@@ -341,7 +341,10 @@ def estimate_stage(stage: str, configs: tuple, gpus: int, gpu_memory_gib: float)
     shape = ModelShape.from_config(load_model_config(model_args))
     eager = model_args.attn_implementation == "eager"
     if stage == "ppo":
-        return estimate_ppo(shape, None, backbone, configs[3], train_args, gpus, gpu_memory_gib, eager)
+        from .generation import SamplingArguments
+
+        sampling = next(c for c in configs if isinstance(c, SamplingArguments))
+        return estimate_ppo(shape, None, backbone, configs[3], sampling, train_args, gpus, gpu_memory_gib, eager)
     return estimate_training(stage, shape, backbone, train_args, data_args.max_length, gpus, gpu_memory_gib, eager)
 
 
@@ -371,46 +374,3 @@ def print_estimate(est: Estimate) -> None:
     verdict = "fits" if est.fits else "does NOT fit"
     console.print(f"{est.stage}: {verdict}: peak {est.peak / GIB:.1f} GiB of {usable:.1f} usable GiB per GPU "
                   f"({USABLE_FRACTION:.0%} of {est.gpu_memory_gib:g})")
-
-
-def _gpu_defaults() -> tuple[int, float]:
-    """GPUs per node and GiB per GPU from this machine when it has GPUs, else a typical 8 x 80 GiB node."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
-    return 8, 80.0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``tristage estimate sft|rm|ppo [--gpus-per-node N] [--nodes N] [--gpu-memory GIB] [--json FILE] --config FILE [k=v ...]``
-    (``launch/run_stage.sh STAGE --estimate`` passes NUM_GPUS, NNODES and GPU_MEMORY_GIB from the environment).
-    Exit code 0 when the run fits, 1 when it does not, 2 for a bad config."""
-    import argparse
-    import os
-    import sys
-
-    import torch
-
-    from .config import STAGE_CONFIGS, parse_config
-    from .errors import ConfigError
-
-    argv = sys.argv[1:] if argv is None else argv
-    gpus_default, memory_default = _gpu_defaults()
-    parser = argparse.ArgumentParser(prog="tristage estimate")
-    parser.add_argument("stage", choices=("sft", "rm", "ppo"))
-    parser.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("NUM_GPUS") or 0) or gpus_default)
-    parser.add_argument("--nodes", type=int, default=int(os.environ.get("NNODES") or 1))
-    parser.add_argument("--gpu-memory", type=float, default=float(os.environ.get("GPU_MEMORY_GIB") or memory_default), help="GiB per GPU")
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
-    args, rest = parser.parse_known_args(argv)
-    if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory <= 0:
-        raise ConfigError("GPUs per node, nodes and GPU memory must be positive", key="estimate")
-    if not torch.cuda.is_available():
-        rest = [*rest, "use_cpu=true"]  # lets a bf16 recipe parse on a CPU login node; nothing runs
-    configs = parse_config(rest, STAGE_CONFIGS[args.stage])
-    est = estimate_stage(args.stage, configs, args.gpus_per_node * args.nodes, args.gpu_memory)
-    print_estimate(est)
-    if args.json:
-        Path(args.json).write_text(json.dumps(est.to_dict(), indent=2))
-    return 0 if est.fits else 1

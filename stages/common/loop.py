@@ -19,6 +19,7 @@ import torch
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier
 from .engine import TrainingEngine
 from .errors import ConfigError, RunError
+from .seeds import EPOCH_ORDER, derive_seed
 from .tracking import RunTracker
 
 TRAINER_STATE = "trainer_state.json"
@@ -37,7 +38,7 @@ def _strategy(value) -> str:
 
 def rank_micro_batches(num_rows: int, epoch: int, seed: int, micro_batch: int, dist: DistInfo) -> list[list[int]]:
     """This rank's micro-batches for an epoch: a seeded permutation, split evenly over the ranks."""
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(derive_seed(seed, EPOCH_ORDER, epoch))).tolist()
     per_rank = num_rows // dist.world_size
     mine = order[dist.rank * per_rank : (dist.rank + 1) * per_rank]
     return [mine[i : i + micro_batch] for i in range(0, per_rank, micro_batch)]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from stages.common.data import DEFAULT_CHAT_TEMPLATE
-from stages.demo import task
+from stages.demo import judge, task
 
 DEMO_VERSION = "tristage-demo-8"  # bump when the generated data or model change, so old builds are redone
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -69,12 +69,12 @@ def prepare_demo(out_dir: str | Path, seed: int = 0, force: bool = False) -> Pat
     train_q, eval_q = task.split_questions(seed)
     write_jsonl(out / "data" / "sft_train.jsonl", task.sft_records(train_q, per_question=6, seed=seed))
     write_jsonl(out / "data" / "sft_eval.jsonl", task.sft_records(eval_q, per_question=1, seed=seed + 1))
-    write_jsonl(out / "data" / "prefs_train.jsonl", task.preference_records(train_q, per_question=24, seed=seed))
+    write_jsonl(out / "data" / "prefs_train.jsonl", judge.preference_records(train_q, per_question=24, seed=seed))
     # Held-out pairs carry the gold judge's own labels (no annotator noise), so eval accuracy is gold accuracy.
     # prefs_eval: new response pairs on the training prompts (the RM's held-out split);
     # prefs_eval_unseen: pairs on prompts the RM never saw (new phrasings), a harder generalization check.
-    write_jsonl(out / "data" / "prefs_eval.jsonl", task.preference_records(train_q, per_question=2, seed=seed + 1, label_noise=0.0))
-    write_jsonl(out / "data" / "prefs_eval_unseen.jsonl", task.preference_records(eval_q, per_question=4, seed=seed + 2, label_noise=0.0))
+    write_jsonl(out / "data" / "prefs_eval.jsonl", judge.preference_records(train_q, per_question=2, seed=seed + 1, label_noise=0.0))
+    write_jsonl(out / "data" / "prefs_eval_unseen.jsonl", judge.preference_records(eval_q, per_question=4, seed=seed + 2, label_noise=0.0))
     write_jsonl(out / "data" / "prompts_train.jsonl", task.prompt_records(train_q))
     write_jsonl(out / "data" / "prompts_eval.jsonl", task.prompt_records(eval_q))
     build_base_model(out / "base", seed=seed)

@@ -2,9 +2,9 @@
 
 A customer asks one fact about one product; a good answer states the right fact, briefly, and closes
 politely. Demonstrations are deliberately of mixed quality, like real human demos: some state another
-product's fact, some forget the polite close, some ramble. The gold judge (``rewards.rules.gold_judge``)
-scores a response; simulated annotators label preference pairs with the gold judge plus label noise, the
-setup of Gao et al., "Scaling laws for reward model overoptimization".
+product's fact, some forget the polite close, some ramble. The gold judge (``stages.demo.judge.gold_judge``)
+scores a response; its simulated annotators (``stages.demo.judge.preference_records``) label preference pairs
+with the gold judge plus label noise, the setup of Gao et al., "Scaling laws for reward model overoptimization".
 """
 from __future__ import annotations
 
@@ -120,30 +120,6 @@ def sft_records(questions: list[Question], per_question: int, seed: int) -> list
         for q in questions
         for _ in range(per_question)
     ]
-
-
-def preference_records(questions: list[Question], per_question: int, seed: int, label_noise: float = 0.1) -> list[dict]:
-    """Pairs of two sampled responses, labeled by the gold judge; a simulated annotator flips the label
-    with probability ``label_noise``. Pairs the gold judge scores equal are skipped (no preference)."""
-    from rewards.rules import gold_judge
-
-    rng = random.Random(seed)
-    records = []
-    for q in questions:
-        made = 0
-        for _attempt in range(per_question * 20):
-            if made == per_question:
-                break
-            a, b = sample_response(q, rng), sample_response(q, rng)
-            score_a, score_b = gold_judge(q.text, a), gold_judge(q.text, b)
-            if score_a == score_b:
-                continue
-            chosen, rejected = (a, b) if score_a > score_b else (b, a)
-            if rng.random() < label_noise:
-                chosen, rejected = rejected, chosen
-            records.append({"system": SYSTEM_PROMPT, "prompt": q.text, "chosen": chosen, "rejected": rejected})
-            made += 1
-    return records
 
 
 def prompt_records(questions: list[Question]) -> list[dict]:

@@ -1,4 +1,4 @@
-from stages.cli import run_stage_main
+from stages.common.errors import run_stage_main
 from stages.eval.compare import main
 
 raise SystemExit(run_stage_main(main))

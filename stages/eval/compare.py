@@ -1,4 +1,5 @@
-"""Compare two or more models on held-out prompts: SFT-only vs RLHF by default.
+"""Compare models on held-out prompts: SFT-only vs RLHF by default (one model is scored; two or more are also
+compared pairwise).
 
     tristage eval --config configs/demo/eval.yaml [key=value ...]
 
@@ -20,15 +21,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rewards.sources import build_source
 from stages.common.backbone import load_policy, load_tokenizer
-from stages.common.config import STAGE_CONFIGS, ModelArguments, parse_config
+from stages.common.config import ModelArguments, parse_config
 from stages.common.data import build_prompt_data
-from stages.common.errors import ConfigError
-from stages.ppo.rollout import generate, generation_config, join, left_pad, response_logits, response_mask, token_logprobs
+from stages.common.generation import sample_responses, sequence_logprobs
 
+from .config import ARGUMENTS
 from .stats import mean_with_ci, win_rate_with_ci
 
 REPORT_FILE, FIGURE_FILE, RESPONSES_FILE = "eval_report.json", "eval_report.png", "responses.jsonl"
@@ -36,66 +36,16 @@ REPORT_FILE, FIGURE_FILE, RESPONSES_FILE = "eval_report.json", "eval_report.png"
 
 def model_names(eval_args) -> list[str]:
     if eval_args.model_names:
-        if len(eval_args.model_names) != len(eval_args.models):
-            raise ConfigError(f"{len(eval_args.model_names)} name(s) for {len(eval_args.models)} model(s)", key="model_names")
         return list(eval_args.model_names)
     names = [Path(m).name or m for m in eval_args.models]
     return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
 
 
-def check_eval_args(eval_args) -> None:
-    if not eval_args.models or len(eval_args.models) < 1:
-        raise ConfigError("give the models to compare (two or more directories)", key="models")
-    for path in eval_args.models + ([eval_args.reference_model] if eval_args.reference_model else []):
-        if not Path(path).is_dir():
-            raise ConfigError(f"{path!r} is not a model directory", key="models")
-    if eval_args.samples_per_prompt < 1:
-        raise ConfigError("must be >= 1", key="samples_per_prompt")
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[dict], eval_args) -> dict:
-    """Every prompt x samples_per_prompt, batch by batch; batch b is sampled after seeding with seed + b, so
-    every model sees the same random numbers (identical models give identical responses)."""
-    rows = [p for p in prompts for _ in range(eval_args.samples_per_prompt)]
-    config = generation_config(eval_args, tokenizer, greedy=eval_args.temperature <= 0)
-    device = next(model.parameters()).device
-    responses, masks, prompt_batches = [], [], []
-    for b, start in enumerate(range(0, len(rows), eval_args.batch_size)):
-        batch = rows[start : start + eval_args.batch_size]
-        ids, mask = left_pad([r["prompt_ids"] for r in batch], tokenizer.pad_token_id)
-        torch.manual_seed(eval_args.seed + b)
-        response = generate(model, ids.to(device), mask.to(device), config).cpu()
-        responses.append(response)
-        masks.append(response_mask(response, tokenizer.eos_token_id))
-        prompt_batches.append((ids, mask))
-    texts, lengths, ended = [], [], []
-    for response, (mask, done) in zip(responses, masks):
-        texts += tokenizer.batch_decode([r[m.bool()] for r, m in zip(response, mask)], skip_special_tokens=True)
-        lengths += mask.sum(dim=1).tolist()
-        ended += done.tolist()
-    return {"texts": texts, "lengths": lengths, "ended": ended, "batches": list(zip(prompt_batches, responses, [m for m, _ in masks]))}
-
-
-@torch.no_grad()
-def sequence_logprobs(model, batches, temperature: float) -> list[float]:
-    """Summed log-probs of each sampled response under ``model`` (at the sampling temperature)."""
-    temperature = temperature if temperature > 0 else 1.0
-    device = next(model.parameters()).device
-    totals = []
-    for (ids, mask), response, resp_mask in batches:
-        inputs = {k: v.to(device) for k, v in join(ids, mask, response, resp_mask).items()}
-        logits = response_logits(model(**inputs).logits, response.shape[1])
-        logprobs = token_logprobs(logits, response.to(device), temperature) * resp_mask.to(device)
-        totals += logprobs.sum(dim=1).tolist()
-    return totals
-
-
-def score_with_judges(judges: list[str], prompt_messages: list[list[dict]], texts: list[str], normalize: bool) -> dict[str, list[float]]:
+def score_with_judges(eval_args, settings, prompt_messages: list[list[dict]], texts: list[str]) -> dict[str, list[float]]:
     scores = {}
-    for spec in judges:
-        raw, normalized = build_source(spec, normalize)(prompt_messages, texts)
-        scores[spec] = normalized if normalize else raw
+    for spec in eval_args.judges:
+        raw, normalized = build_source(spec, eval_args.judge_normalize, eval_args.judge_batch_size, settings)(prompt_messages, texts)
+        scores[spec] = normalized if eval_args.judge_normalize else raw
     return scores
 
 
@@ -173,14 +123,11 @@ def export_pairs(path: str, prompts: list[dict], names: list[str], texts: dict, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, eval_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["eval"])
-    check_eval_args(eval_args)
+    data_args, eval_args, sampling, reward_settings = parse_config(sys.argv[1:] if argv is None else argv, ARGUMENTS)
+    eval_args.validate()
     names = model_names(eval_args)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=eval_args.models[0]))
-    prompts = build_prompt_data(data_args, tokenizer, seed=eval_args.seed, max_prompt_length=eval_args.max_prompt_length).train
-    for spec in eval_args.judges:  # fail on a bad judge now, not after sampling
-        if not (spec.startswith("rule:") or spec.startswith("http")) and not Path(spec).is_dir():
-            raise ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an http(s) URL", key="judges")
+    prompts = build_prompt_data(data_args, tokenizer, seed=eval_args.seed, max_prompt_length=sampling.max_prompt_length).train
     out = Path(eval_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -189,20 +136,21 @@ def main(argv: list[str] | None = None) -> dict:
     for name, path in zip(names, eval_args.models):
         model = load_policy(path).eval()
         print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path})", flush=True)
-        samples[name] = sample_responses(model, tokenizer, prompts, eval_args)
-        own = sequence_logprobs(model, samples[name]["batches"], eval_args.temperature)
-        ref = sequence_logprobs(reference, samples[name]["batches"], eval_args.temperature)
+        samples[name] = sample_responses(model, tokenizer, prompts, sampling, eval_args.samples_per_prompt, eval_args.batch_size,
+                                         eval_args.seed)
+        own = sequence_logprobs(model, samples[name]["batches"], sampling.temperature)
+        ref = sequence_logprobs(reference, samples[name]["batches"], sampling.temperature)
         samples[name]["kl"] = [a - b for a, b in zip(own, ref)]  # E_model[log model - log ref] = KL(model || ref)
         del model
 
     shape = (len(prompts), eval_args.samples_per_prompt)
     prompt_messages = [p["prompt"] for p in prompts for _ in range(eval_args.samples_per_prompt)]
     scores = {name: {judge: np.array(values).reshape(shape) for judge, values in
-                     score_with_judges(eval_args.judges, prompt_messages, samples[name]["texts"], eval_args.judge_normalize).items()}
+                     score_with_judges(eval_args, reward_settings, prompt_messages, samples[name]["texts"]).items()}
               for name in names}
 
     rounds, seed = eval_args.bootstrap_samples, eval_args.seed
-    report = {"settings": {**asdict(eval_args), "model_names": names, "num_prompts": len(prompts), "datasets": data_args.dataset},
+    report = {"settings": {**asdict(eval_args), **asdict(sampling), "model_names": names, "num_prompts": len(prompts), "datasets": data_args.dataset},
               "models": {}, "win_rates": [], "examples": []}
     for name, path in zip(names, eval_args.models):
         kl = np.array(samples[name]["kl"]).reshape(shape)

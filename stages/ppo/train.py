@@ -2,9 +2,10 @@
 
     tristage ppo --config configs/demo/ppo.yaml [key=value ...]
 
-Reads top to bottom: config -> prompts (validated before any model loads) -> the four roles -> for each
-iteration: this rank's prompts, make_experience (generate, score, KL-penalized rewards, GAE), the KL
-controller, ppo_update (clipped policy and value losses), metrics, checkpoint -> save actor, critic, EMA.
+Reads top to bottom: config (config.py) -> prompts (validated before any model loads) -> the four roles
+(roles.py) -> for each iteration: this rank's prompts, make_experience (experience.py: generate, score,
+KL-penalized rewards, GAE), the KL controller (kl.py), ppo_update (update.py: clipped policy and value
+losses), metrics, checkpoint -> save actor, critic, EMA.
 """
 from __future__ import annotations
 
@@ -16,22 +17,24 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import set_seed
-
-from stages.common.backbone import check_backbone_args, load_tokenizer, parameter_counts
-from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
+from stages.common.backbone import parameter_counts
+from stages.common.config import parse_config, save_resolved_config
 from stages.common.data import build_prompt_data, build_sft_data
-from stages.common.distributed import all_reduce_sum, barrier, init_distributed
+from stages.common.distributed import all_reduce_sum, barrier
 from stages.common.engine import resolve_deepspeed_config
 from stages.common.errors import ConfigError
 from stages.common.loop import TRAINER_STATE, NonFiniteStreak, atomic_checkpoint, find_checkpoint
 from stages.common.plots import plot_curves
+from stages.common.seeds import PROMPT_ORDER, derive_seed
+from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
 
+from .config import ARGUMENTS
 from .ema import ActorEMA
+from .experience import make_experience
 from .kl import AdaptiveKLController, FixedKLController
-from .models import build_roles, check_ppo_args
-from .trainer import PtxBatches, make_experience, ppo_update
+from .roles import build_roles
+from .update import PtxBatches, ppo_update
 
 TABLE_COLUMNS = ["score", "kl", "beta", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
                  "response_length", "no_eos_rate", "tokens_per_second"]
@@ -45,7 +48,7 @@ def iteration_prompts(num_prompts: int, iteration: int, rollout_batch_size: int,
     start, stop = iteration * rollout_batch_size, (iteration + 1) * rollout_batch_size
     picks = []
     for lap in range(start // num_prompts, (stop - 1) // num_prompts + 1):
-        order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 7919 + lap)).tolist()
+        order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(derive_seed(seed, PROMPT_ORDER, lap))).tolist()
         lo, hi = max(start - lap * num_prompts, 0), min(stop - lap * num_prompts, num_prompts)
         picks += order[lo:hi]
     return picks
@@ -95,15 +98,12 @@ def save_models(roles, tokenizer, output_dir: Path, ema: ActorEMA | None, dist) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, backbone_args, ppo_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["ppo"])
-    check_backbone_args(backbone_args, train_args, stage="ppo")
-    not_trained_yet = check_ppo_args(ppo_args, backbone_args, train_args)
-    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
+    model_args, data_args, backbone_args, ppo_args, sampling, reward_settings, train_args = parse_config(
+        sys.argv[1:] if argv is None else argv, ARGUMENTS)
+    not_trained_yet = ppo_args.validate(backbone_args, sampling, train_args)
+    dist, tokenizer = start_stage("ppo", model_args, backbone_args, train_args)
     per_rank = check_batch_sizes(ppo_args, train_args, dist.world_size)
-    set_seed(train_args.seed)
-
-    tokenizer = load_tokenizer(model_args)
-    prompts = build_prompt_data(data_args, tokenizer, seed=train_args.seed, max_prompt_length=ppo_args.max_prompt_length).train
+    prompts = build_prompt_data(data_args, tokenizer, seed=train_args.seed, max_prompt_length=sampling.max_prompt_length).train
     ptx_rows = []
     if ppo_args.ptx_coef > 0:
         ptx_rows = build_sft_data(dataclasses.replace(data_args, dataset=ppo_args.ptx_dataset, eval_dataset=None, val_size=0.0),
@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      "not_found_yet": not_trained_yet})
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
-        save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, train_args)
+        save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, sampling, reward_settings,
+                             train_args)
 
-    roles = build_roles(ppo_args, model_args, backbone_args, train_args, tokenizer, optimizer_steps, dist, ds_config)
+    roles = build_roles(ppo_args, model_args, backbone_args, train_args, tokenizer, optimizer_steps, dist, ds_config, reward_settings)
     trainable, total = parameter_counts(roles.actor.module)
     ema = ActorEMA(roles.trainable_actor_parameters(), ppo_args.ema_decay) if ppo_args.ema_decay > 0 else None
     ptx = PtxBatches(ptx_rows, micro, train_args.seed, tokenizer.pad_token_id) if ptx_rows else None
@@ -162,14 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
         picks = iteration_prompts(len(prompts), iteration, ppo_args.rollout_batch_size, train_args.seed)
         rows = [prompts[i] for i in picks[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
         beta = kl_ctl.beta
-        experience = make_experience(roles, tokenizer, rows, ppo_args, beta, train_args.per_device_eval_batch_size, dist.device)
+        experience = make_experience(roles, tokenizer, rows, ppo_args, sampling, beta, train_args.per_device_eval_batch_size,
+                                     dist.device)
         nonfinite.update(experience is None, iteration + 1)
         if experience is None:
             skipped_iterations += 1
             tracker.log(iteration + 1, {"skipped_iterations": skipped_iterations})
             continue
         train_started = time.time()
-        update = ppo_update(roles, experience, ppo_args, train_args, iteration, ema, ptx)
+        update = ppo_update(roles, experience, ppo_args, sampling.temperature, train_args, iteration, ema, ptx)
         train_time = time.time() - train_started
 
         rollout_stats = experience.stats

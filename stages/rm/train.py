@@ -14,20 +14,21 @@ import sys
 from functools import partial
 
 import torch
-from transformers import AutoModelForSequenceClassification, set_seed
+from transformers import AutoModelForSequenceClassification
 
-from rewards.model import RewardModel, RewardStats
-from stages.common.backbone import apply_backbone, check_backbone_args, load_pretrained, load_tokenizer, parameter_counts
-from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
+from rewards.model import SCORE_HEAD, RewardModel, RewardStats
+from stages.common.backbone import apply_backbone, load_pretrained, parameter_counts
+from stages.common.config import parse_config, save_resolved_config
 from stages.common.data import build_preference_data, collate_preferences
-from stages.common.distributed import all_reduce_sum, init_distributed
+from stages.common.distributed import all_reduce_sum
 from stages.common.dryrun import model_skeleton, report
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
 from stages.common.loop import fit, lockstep_batches, save_model, total_steps, write_weight_digest
+from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
-from stages.rm.losses import bradley_terry_loss, centering_penalty
 
-SCORE_HEAD = ["score"]  # the name transformers gives the scalar head of *ForSequenceClassification decoders
+from .config import ARGUMENTS
+from .losses import bradley_terry_loss, centering_penalty
 
 
 class PairwiseObjective:
@@ -67,12 +68,8 @@ def reward_statistics(engine: TrainingEngine, rows: list[dict], collate, micro_b
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, backbone_args, reward_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["rm"])
-    check_backbone_args(backbone_args, train_args, stage="rm")
-    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
-    set_seed(train_args.seed)
-
-    tokenizer = load_tokenizer(model_args)
+    model_args, data_args, backbone_args, reward_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, ARGUMENTS)
+    dist, tokenizer = start_stage("rm", model_args, backbone_args, train_args)
     data = build_preference_data(data_args, tokenizer, seed=train_args.seed)
     steps = total_steps(len(data.train), train_args, dist)
     if train_args.dry_run:

@@ -11,25 +11,24 @@ import math
 import sys
 from functools import partial
 
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import AutoModelForCausalLM
 
-from stages.common.backbone import apply_backbone, check_backbone_args, load_pretrained, load_tokenizer, parameter_counts
-from stages.common.config import STAGE_CONFIGS, parse_config, save_resolved_config
+from stages.common.backbone import apply_backbone, load_pretrained, parameter_counts
+from stages.common.config import parse_config, save_resolved_config
 from stages.common.data import build_sft_data, collate_sft
-from stages.common.distributed import init_distributed
 from stages.common.dryrun import model_skeleton, report
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
 from stages.common.lm import CausalLMObjective
 from stages.common.loop import fit, save_model, total_steps, write_weight_digest
+from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, backbone_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, STAGE_CONFIGS["sft"])
-    check_backbone_args(backbone_args, train_args, stage="sft", packing=data_args.packing)
-    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
-    set_seed(train_args.seed)
+from .config import ARGUMENTS
 
-    tokenizer = load_tokenizer(model_args)
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, backbone_args, train_args = parse_config(sys.argv[1:] if argv is None else argv, ARGUMENTS)
+    dist, tokenizer = start_stage("sft", model_args, backbone_args, train_args, packing=data_args.packing)
     data = build_sft_data(data_args, tokenizer, seed=train_args.seed)
     steps = total_steps(len(data.train), train_args, dist)
     if train_args.dry_run:

@@ -1,0 +1,140 @@
+"""Generation shared by PPO's rollouts, eval and collect: left-padded prompts, sampled responses cut at EOS,
+and the (prompt + response) rows a forward pass scores.
+
+Layout of a rollout row, width P + R:   [pad ... pad | prompt tokens | response tokens, EOS | pad ... pad]
+Positions come from the attention mask, so a left-padded row gets the same position ids (and log-probs)
+as the same text unpadded. The logit that predicts response token j sits at column P - 1 + j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data.collate import pad_rows
+from .errors import ConfigError
+from .masks import position_ids_from_mask
+from .seeds import EVAL_BATCH, derive_seed
+
+
+@dataclass
+class SamplingArguments:
+    """How responses are sampled: the same keys for PPO's rollouts, eval and collect. Exactly these settings reach
+    the sampler (nothing from a model's own generation_config), and log-probs use the same temperature."""
+
+    max_prompt_length: int = field(default=256, metadata={"help": "Longer prompts are cut from the left (the end is kept)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most per response (EOS ends it sooner)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature; log-probs use logits / temperature too. 0 = greedy (eval only: PPO must sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability; 1 = off."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens; 0 = off."})
+
+    def __post_init__(self):
+        for key in ("max_prompt_length", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be >= 1", key=key)
+        if self.temperature < 0:
+            raise ConfigError("must be >= 0 (0 = greedy)", key="temperature")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("must be in (0, 1]", key="top_p")
+        if self.top_k < 0:
+            raise ConfigError("must be >= 0 (0 = off)", key="top_k")
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_rows(sequences, pad_token_id, side="left")
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on response tokens up to and including the first EOS, 0 after; and whether each row ended (EOS seen).
+    Works when the pad token is the EOS token too."""
+    is_eos = (response_ids == eos_token_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long(), is_eos.bool().any(dim=1)
+
+
+def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, resp_mask: torch.Tensor) -> dict:
+    """The model inputs of whole rollout rows."""
+    attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    return {"input_ids": torch.cat([prompt_ids, response_ids], dim=1), "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask)}
+
+
+def response_logits(logits: torch.Tensor, response_width: int) -> torch.Tensor:
+    """The logits that predict the response tokens (drops P-tuning v1 virtual tokens too, which come first)."""
+    return logits[:, -response_width - 1 : -1]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at the sampled tokens: the distribution the sampler actually drew from."""
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(dim=-1)
+
+
+def generation_config(sampling: SamplingArguments, tokenizer, greedy: bool = False):
+    """Explicit settings, so nothing comes from a model's own generation_config (whose top_k is often 50)."""
+    from transformers import GenerationConfig
+
+    sample = not greedy and sampling.temperature > 0
+    return GenerationConfig(
+        do_sample=sample, temperature=sampling.temperature if sample else 1.0, top_p=sampling.top_p if sample else 1.0,
+        top_k=sampling.top_k if sample else 0, max_new_tokens=sampling.max_new_tokens, min_new_tokens=1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config) -> torch.Tensor:
+    """Batched sampling with the KV cache; returns the response tokens (B, R), padded after EOS."""
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    response = out[:, prompt_ids.shape[1]:]
+    if response.shape[1] == 0:  # cannot happen with min_new_tokens=1, but keep shapes valid
+        response = torch.full((len(prompt_ids), 1), config.eos_token_id, dtype=torch.long, device=prompt_ids.device)
+    return response
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[dict], sampling: SamplingArguments, samples_per_prompt: int,
+                     batch_size: int, seed: int) -> dict:
+    """Every prompt x ``samples_per_prompt``, ``batch_size`` rows at a time; batch b is sampled after seeding with
+    a seed derived from (seed, b), so every model sees the same random numbers (identical models give identical
+    responses). ``prompts`` are rows with ``prompt_ids``."""
+    rows = [p for p in prompts for _ in range(samples_per_prompt)]
+    config = generation_config(sampling, tokenizer, greedy=sampling.temperature <= 0)
+    device = next(model.parameters()).device
+    responses, masks, prompt_batches = [], [], []
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        batch = rows[start : start + batch_size]
+        ids, mask = left_pad([r["prompt_ids"] for r in batch], tokenizer.pad_token_id)
+        torch.manual_seed(derive_seed(seed, EVAL_BATCH, b))
+        response = generate(model, ids.to(device), mask.to(device), config).cpu()
+        responses.append(response)
+        masks.append(response_mask(response, tokenizer.eos_token_id))
+        prompt_batches.append((ids, mask))
+    texts, lengths, ended = [], [], []
+    for response, (mask, done) in zip(responses, masks):
+        texts += tokenizer.batch_decode([r[m.bool()] for r, m in zip(response, mask)], skip_special_tokens=True)
+        lengths += mask.sum(dim=1).tolist()
+        ended += done.tolist()
+    return {"texts": texts, "lengths": lengths, "ended": ended, "batches": list(zip(prompt_batches, responses, [m for m, _ in masks]))}
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batches, temperature: float) -> list[float]:
+    """Summed log-probs of each sampled response (``sample_responses``' batches) under ``model``, at the sampling
+    temperature."""
+    temperature = temperature if temperature > 0 else 1.0
+    device = next(model.parameters()).device
+    totals = []
+    for (ids, mask), response, resp_mask in batches:
+        inputs = {k: v.to(device) for k, v in join(ids, mask, response, resp_mask).items()}
+        logits = response_logits(model(**inputs).logits, response.shape[1])
+        logprobs = token_logprobs(logits, response.to(device), temperature) * resp_mask.to(device)
+        totals += logprobs.sum(dim=1).tolist()
+    return totals

@@ -1,0 +1,17 @@
+"""The start every training stage shares: refuse impossible backbone settings, join the process group (DeepSpeed
+needs one even for a single process), seed everything, and load the tokenizer — in that order, so a bad
+setting fails before any process group or download."""
+from __future__ import annotations
+
+from transformers import set_seed
+
+from .backbone import check_backbone_args, load_tokenizer
+from .distributed import DistInfo, init_distributed
+
+
+def start_stage(stage: str, model_args, backbone_args, train_args, packing: bool = False) -> tuple[DistInfo, object]:
+    """Returns (this process's place in the group, the tokenizer)."""
+    check_backbone_args(backbone_args, train_args, stage=stage, packing=packing)
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
+    set_seed(train_args.seed)
+    return dist, load_tokenizer(model_args)

@@ -1,0 +1,98 @@
+"""PPO's keys (stage 3), with their checks: values when the config is parsed (``__post_init__``), the settings
+that depend on the backbone and training keys in ``validate``, as TRL's config classes do. Defaults follow
+lm-human-preferences / "The N implementation details of RLHF with PPO" unless noted."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rewards.sources import RewardSourceArguments, check_specs, is_model_source
+from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments
+from stages.common.errors import ConfigError
+from stages.common.generation import SamplingArguments
+
+CRITIC_INITS = ("reward", "actor")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclass
+class PPOArguments:
+    """Stage 3. ``max_steps`` counts PPO iterations (else ``num_train_epochs`` passes over the prompts);
+    ``save_steps`` and ``logging_steps`` count iterations too; ``learning_rate`` is the actor's."""
+
+    # ---- roles
+    reward_model: list[str] = field(default=None, metadata={
+        "help": "Reward sources, summed with reward_weights: a reward-model directory (full or adapter), "
+                "rule:NAME (rewards/rules.py), or an http(s):// URL (rewards/remote.py)."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward source; None = all 1."})
+    critic_init: str = field(default="reward", metadata={
+        "help": "reward: the critic starts as the first reward model (its head predicts values); actor: from the SFT model "
+                "with a new zero-initialized value head."})
+    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "Frozen reference policy; None = the SFT model."})
+    shared_backbone: bool = field(default=False, metadata={
+        "help": "lora/qlora only: actor, reference, critic and reward share one base model as adapters (one copy in memory)."})
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "None = learning_rate."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (shared backbone, where one optimizer trains both)."})
+    # ---- rollout
+    rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per iteration over all processes."})
+    # ---- reward shaping
+    reward_normalize: bool = field(default=True, metadata={"help": "(r - mean) / std with each reward model's reward_stats.json."})
+    reward_clip: float = field(default=0.0, metadata={"help": "Clip scores to [-c, c] after normalization; 0 = off."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards over the rollout (keeping the mean)."})
+    missing_eos_penalty: float = field(default=1.0, metadata={
+        "help": "Subtracted from the score of a response that hit max_new_tokens without EOS; 0 = off."})
+    # ---- KL control
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log-ratio) or k3 (always >= 0, lower variance)."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "beta, the per-token KL penalty coefficient (its start when adaptive)."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Ziegler et al. proportional controller towards kl_target."})
+    kl_target: float = field(default=6.0, metadata={"help": "Target KL (nats per response) for adaptive_kl."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (in rollouts) of the adaptive controller."})
+    # ---- PPO update
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout; minibatch = per_device_train_batch_size x "
+                                                         "gradient_accumulation_steps x processes."})
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon."})
+    clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values; 0 = unclipped."})
+    whiten_advantages: bool = True
+    # ---- extras
+    ptx_coef: float = field(default=0.0, metadata={"help": "InstructGPT ptx: weight of a language-model loss on ptx_dataset; 0 = off."})
+    ptx_dataset: list[str] | None = field(default=None, metadata={"help": "SFT-format data for the ptx loss."})
+    ema_decay: float = field(default=0.0, metadata={"help": "Keep an EMA of the actor (saved to output_dir/ema); 0 = off. E.g. 0.992."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Dropout off in every role, so rollout and update log-probs agree."})
+
+    def __post_init__(self):
+        if self.critic_init not in CRITIC_INITS:
+            raise ConfigError(f"must be one of {', '.join(CRITIC_INITS)}", key="critic_init")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"must be one of {', '.join(KL_ESTIMATORS)}", key="kl_estimator")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("must be in [0, 1)", key="ema_decay")
+        if self.ptx_coef > 0 and not self.ptx_dataset:
+            raise ConfigError("ptx_coef > 0 needs ptx_dataset", key="ptx_dataset")
+        for key in ("rollout_batch_size", "ppo_epochs", "kl_horizon"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be >= 1", key=key)
+        if self.kl_target <= 0:
+            raise ConfigError("must be > 0", key="kl_target")
+
+    def first_reward_model(self) -> str | None:
+        return next((s for s in self.reward_model or [] if is_model_source(s)), None)
+
+    def validate(self, backbone: BackboneArguments, sampling: SamplingArguments, train_args) -> list[str]:
+        """The checks that involve other keys or the disk, before anything loads. In a dry run a reward-model directory
+        that does not exist yet (the rm stage has not run) is returned instead of refused."""
+        if sampling.temperature <= 0:
+            raise ConfigError("must be > 0 for PPO: rollouts are sampled", key="temperature")
+        if self.shared_backbone and backbone.finetuning_type not in ("lora", "qlora"):
+            raise ConfigError("the shared backbone holds the roles as adapters: use finetuning_type lora or qlora", key="shared_backbone")
+        if self.shared_backbone and train_args.deepspeed:
+            raise ConfigError("the shared backbone is the single-device memory saver; under DeepSpeed use separate models "
+                              "(shared_backbone: false)", key="shared_backbone")
+        not_yet = check_specs(self.reward_model, key="reward_model", allow_missing=bool(train_args.dry_run))
+        if self.critic_init == "reward" and self.first_reward_model() is None:
+            raise ConfigError("the critic starts from a reward model, but reward_model names none; set critic_init: actor",
+                              key="critic_init")
+        return not_yet
+
+
+ARGUMENTS = (ModelArguments, DataArguments, BackboneArguments, PPOArguments, SamplingArguments, RewardSourceArguments, TrainArguments)

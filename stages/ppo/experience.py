@@ -1,0 +1,114 @@
+"""The first half of a PPO iteration (DeepSpeed-Chat's "generate experience" and "compute rewards"):
+sample the prompts' responses, score them, and compute everything the update needs — old log-probs,
+reference log-probs, values, per-token KL-penalized rewards, advantages and returns. ``update.py`` is the
+second half. Every formula is a pure function in kl.py and advantages.py; this file only wires them.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from stages.common.data import pad_rows
+from stages.common.distributed import any_rank
+from stages.common.generation import (generate, generation_config, join, left_pad, response_logits, response_mask, token_entropy,
+                                      token_logprobs)
+
+from .advantages import explained_variance, gae, masked_mean, masked_whiten, per_token_rewards
+from .kl import kl_estimate
+
+
+@dataclass
+class Experience:
+    """One rank's rollout: (B, P) prompts, (B, R) responses, and per-token tensors over the responses."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    stats: dict
+
+    def inputs(self, rows: torch.Tensor) -> dict:
+        return join(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows], self.mask[rows])
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def _in_chunks(count: int, size: int):
+    for start in range(0, count, size):
+        yield torch.arange(start, min(start + size, count))
+
+
+@torch.no_grad()
+def make_experience(roles, tokenizer, rows: list[dict], ppo_args, sampling, beta: float, inference_batch: int,
+                    device) -> Experience | None:
+    """Generation and the no-grad passes run ``inference_batch`` rows at a time (per_device_eval_batch_size):
+    for small models the per-token overhead of ``generate`` dominates, so fewer, larger calls are faster.
+    Returns None (on every rank) when a score, log-prob or value is not finite: the iteration is skipped."""
+    started = time.time()
+    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    # 1. Generate (the actor's shards gathered once for all of it under ZeRO-3).
+    config = generation_config(sampling, tokenizer)
+    with roles.generation_model() as policy:
+        pieces = [generate(policy, prompt_ids[c], prompt_mask[c], config) for c in _in_chunks(len(rows), inference_batch)]
+    response_ids, _ = pad_rows([row for piece in pieces for row in piece], tokenizer.pad_token_id)
+    mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
+    generated = time.time()
+
+    # 2. Score the decoded responses; the reward model re-renders them through its chat template.
+    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(response_ids, mask)], skip_special_tokens=True)
+    raw, normalized = roles.reward([r["prompt"] for r in rows], texts)
+    scores = normalized.clone()
+    if ppo_args.reward_clip > 0:
+        scores = scores.clamp(-ppo_args.reward_clip, ppo_args.reward_clip)
+    scores -= ppo_args.missing_eos_penalty * (~ended).double().cpu()
+    scores = scores.float().to(device)
+
+    # 3. Log-probs of the actor and the reference, values of the critic, batch by batch.
+    roles.train(False)
+    width = response_ids.shape[1]
+    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    for chunk in _in_chunks(len(rows), inference_batch):
+        inputs = join(prompt_ids[chunk], prompt_mask[chunk], response_ids[chunk], mask[chunk])
+        logits = response_logits(roles.actor_logits(inputs), width)
+        logprobs.append(token_logprobs(logits, response_ids[chunk], sampling.temperature))
+        entropy.append(token_entropy(logits, sampling.temperature))
+        ref = response_logits(roles.ref_logits(inputs), width)
+        ref_logprobs.append(token_logprobs(ref, response_ids[chunk], sampling.temperature))
+        values.append(response_logits(roles.values(inputs), width))  # V(s_t) is read where token t is predicted
+    logprobs, ref_logprobs, values, entropy = (torch.cat(x) for x in (logprobs, ref_logprobs, values, entropy))
+    roles.train(True)
+    maskf = mask.float()
+
+    finite = all(bool(torch.isfinite(t).all()) for t in (scores, logprobs, ref_logprobs, values))
+    if any_rank(not finite):
+        warnings.warn("PPO: a reward, log-prob or value is NaN/inf in this rollout; the iteration is skipped", stacklevel=2)
+        return None
+
+    # 4. Per-token rewards: -beta * KL on every token, the score added at the last one; then GAE.
+    kl = kl_estimate(logprobs, ref_logprobs, ppo_args.kl_estimator) * maskf
+    rewards = per_token_rewards(scores, kl, maskf, beta)
+    if ppo_args.whiten_rewards:
+        rewards = masked_whiten(rewards, maskf, shift_mean=False)
+    advantages, returns = gae(rewards, values * maskf, maskf, ppo_args.gamma, ppo_args.lam)
+    if ppo_args.whiten_advantages:
+        advantages = masked_whiten(advantages, maskf)
+
+    lengths = maskf.sum(dim=1)
+    stats = {
+        "score_raw": float(raw.mean()), "score": float(normalized.mean()), "reward_total": float(rewards.sum(dim=1).mean()),
+        "kl": float(kl.sum(dim=1).mean()), "entropy": float(masked_mean(entropy, maskf)),
+        "response_length": float(lengths.mean()), "no_eos_rate": float((~ended).float().mean()),
+        "value_mean": float(masked_mean(values, maskf)), "explained_variance": explained_variance(values, returns, maskf),
+        "rollout_time": time.time() - started, "generation_time": generated - started, "generated_tokens": float(lengths.sum()),
+    }
+    return Experience(prompt_ids, prompt_mask, response_ids, mask, logprobs, values, advantages, returns, stats)

@@ -1,0 +1,185 @@
+"""The models behind PPO's roles: the actor and the critic as the SFT and reward models start them, and the
+shared backbone (one base model carrying every role as adapters, ``SharedBackbone``). ``roles.py`` holds them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewards.model import SCORE_HEAD, RewardModel, score_head
+from stages.common.backbone import (POLICY_STACK_FILE, adapter_base_path, apply_backbone, attach_adapters, load_pretrained,
+                                    peft_config, policy_adapters, prepare_for_training, quantization_config)
+from stages.common.masks import last_token_index, position_ids_from_mask
+
+PPO_ADAPTER, CRITIC_ADAPTER, REWARD_ADAPTER = "ppo", "critic", "reward"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO compares log-probs of the same tokens at rollout and update time; dropout would make them differ."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def mark_trainable(model: nn.Module, adapter_names: list[str]) -> None:
+    """peft's set_adapter makes every active adapter trainable; we decide: only these adapters."""
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        param.requires_grad_(any(a in parts for a in adapter_names))
+
+
+def _with_path(model_args, path: str):
+    return dataclasses.replace(model_args, model_name_or_path=path)
+
+
+def load_actor_model(model_args, backbone, train_args):
+    """The SFT model as the starting policy: full weights train, or a new PPO adapter trains on top of it
+    (stacked over the SFT adapter when SFT trained an adapter)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = model_args.model_name_or_path
+    # a single SFT adapter is "sft" here (peft saves only non-default names in sub-directories of a stack)
+    sft_adapters = [("sft" if name == "default" else name, directory) for name, directory in policy_adapters(path)]
+    model = load_pretrained(AutoModelForCausalLM, _with_path(model_args, adapter_base_path(path) or path), backbone, train_args)
+    if backbone.finetuning_type == "full":
+        if sft_adapters:
+            model = attach_adapters(model, sft_adapters).merge_and_unload()
+        return apply_backbone(model, backbone, train_args), []
+    model = prepare_for_training(model, backbone, train_args)
+    config = peft_config(backbone, "CAUSAL_LM")
+    if sft_adapters:
+        model = attach_adapters(model, sft_adapters)
+        model.add_adapter(PPO_ADAPTER, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=PPO_ADAPTER)
+    names = [name for name, _ in sft_adapters]
+    model.base_model.set_adapter(names + [PPO_ADAPTER])
+    mark_trainable(model, [PPO_ADAPTER])
+    return model, names
+
+
+def load_critic_model(ppo_args, model_args, backbone, train_args, pad_token_id: int) -> RewardModel:
+    """A value model: the reward model by default (its head already scores responses), or the SFT model with
+    a zero-initialized value head. Trains with the stage's backbone mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    path = ppo_args.first_reward_model() if ppo_args.critic_init == "reward" else model_args.model_name_or_path
+    adapters = policy_adapters(path)
+    model = load_pretrained(AutoModelForSequenceClassification, _with_path(model_args, adapter_base_path(path) or path), backbone,
+                            train_args, num_labels=1)
+    model.config.pad_token_id = pad_token_id
+    if ppo_args.critic_init == "actor":
+        zero_head(score_head(model))
+    if backbone.finetuning_type == "full":
+        if adapters:
+            model = attach_adapters(model, adapters).merge_and_unload()
+        return RewardModel(apply_backbone(model, backbone, train_args, task_type="SEQ_CLS", head_modules=SCORE_HEAD))
+    if ppo_args.critic_init == "reward" and len(adapters) == 1:  # keep training the RM's own adapter and head
+        model = PeftModel.from_pretrained(prepare_for_training(model, backbone, train_args), adapters[0][1], is_trainable=True)
+        return RewardModel(model)
+    if adapters:
+        model = attach_adapters(prepare_for_training(model, backbone, train_args), adapters)
+        model.add_adapter(CRITIC_ADAPTER, peft_config(backbone, "SEQ_CLS", SCORE_HEAD))
+        model.base_model.set_adapter([name for name, _ in adapters] + [CRITIC_ADAPTER])
+        mark_trainable(model, [CRITIC_ADAPTER])
+        return RewardModel(model)
+    return RewardModel(apply_backbone(model, backbone, train_args, task_type="SEQ_CLS", head_modules=SCORE_HEAD))
+
+
+def zero_head(head: nn.Module) -> None:
+    import deepspeed
+
+    params = list(head.parameters())
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if hasattr(params[0], "ds_id") else nullcontext()
+    with context, torch.no_grad():
+        for param in params:
+            param.zero_()
+
+
+def actor_quantization(backbone, train_args):
+    return quantization_config(backbone, train_args) if backbone.finetuning_type == "qlora" else None
+
+
+def critic_train_args(train_args, ppo_args):
+    if ppo_args.critic_learning_rate is None:
+        return train_args
+    return dataclasses.replace(train_args, learning_rate=ppo_args.critic_learning_rate)
+
+
+
+class SharedBackbone(nn.Module):
+    """One base model with the actor, critic and reward adapters and the two scalar heads."""
+
+    def __init__(self, peft_model: nn.Module, sft_adapters: list[str], value_head: nn.Module, reward_head: nn.Module | None):
+        super().__init__()
+        self.peft_model, self.sft_adapters = peft_model, sft_adapters
+        self.value_head, self.reward_head = value_head, reward_head
+        self.config = peft_model.config
+
+    def use(self, role: str) -> None:
+        adapters = {"actor": self.sft_adapters + [PPO_ADAPTER], "ref": self.sft_adapters, "critic": [CRITIC_ADAPTER],
+                    "reward": [REWARD_ADAPTER]}[role]
+        lora_model = self.peft_model.base_model
+        if adapters:
+            lora_model.enable_adapter_layers()
+            lora_model.set_adapter(adapters)
+        else:
+            lora_model.disable_adapter_layers()  # the reference of a full SFT model is the bare base
+        mark_trainable(self.peft_model, [PPO_ADAPTER, CRITIC_ADAPTER])
+
+    def decoder(self) -> nn.Module:
+        causal_lm = self.peft_model.get_base_model()
+        return getattr(causal_lm, causal_lm.base_model_prefix)
+
+    def forward(self, role: str, input_ids, attention_mask, position_ids=None, **_):
+        self.use(role)
+        if role in ("actor", "ref"):
+            return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        hidden = self.decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        head = self.value_head if role == "critic" else self.reward_head
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
+class SharedRewardView(nn.Module):
+    """The shared backbone's reward role, shaped like a RewardModel for the scorer."""
+
+    def __init__(self, shared: SharedBackbone):
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, input_ids, attention_mask):
+        scores = self.shared("reward", input_ids, attention_mask)
+        return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def split_reward_adapter(rm_dir: str) -> tuple[object, dict, dict]:
+    """An RM adapter as (LoRA config for a causal-LM host, LoRA weights, score-head weights)."""
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(rm_dir)
+    config.modules_to_save, config.task_type = None, "CAUSAL_LM"
+    weights = load_file(str(Path(rm_dir) / "adapter_model.safetensors"))
+    head = {k.rsplit(".", 1)[-1]: v for k, v in weights.items() if ".score." in k}
+    lora = {k: v for k, v in weights.items() if ".score." not in k}
+    return config, lora, head
+
+
+def save_policy(model: nn.Module, directory: Path, tokenizer, sft_adapters: list[str], base_path: str,
+                state_dict: dict | None = None) -> None:
+    """A full model, or the adapter stack (SFT adapter(s) + PPO adapter) with tristage_policy.json naming the base."""
+    directory = Path(directory)
+    if hasattr(model, "peft_config"):
+        names = sft_adapters + [PPO_ADAPTER]
+        model.save_pretrained(directory, selected_adapters=names, state_dict=state_dict)
+        (directory / POLICY_STACK_FILE).write_text(json.dumps({"base_model_name_or_path": base_path, "adapters": names}, indent=2))
+    else:
+        model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
