@@ -65,8 +65,8 @@ case "$(cd "$(dirname "$CONFIG")" && pwd)" in
   "$ROOT/configs/demo") "$PYTHON" -m stages.cli demo --out "${DEMO_DIR:-runs/demo}" || exit $? ;;
 esac
 
-# Where the output goes (and whether DeepSpeed is configured), as the stage itself will resolve them.
-RESOLVED="$("$PYTHON" -m stages.cli config-get "$STAGE" output_dir,deepspeed --config "$CONFIG" "${ARGS[@]}")" || exit $?
+# Where the output goes (and whether DeepSpeed is configured), as the stage itself will read them.
+RESOLVED="$("$PYTHON" -m stages.cli launch-keys "$STAGE" --config "$CONFIG" "${ARGS[@]}")" || exit $?
 OUTPUT_DIR="$(sed -n 1p <<<"$RESOLVED")"
 DS_CONFIG="$(sed -n 2p <<<"$RESOLVED")"
 [ "$DS_CONFIG" = "None" ] && DS_CONFIG=""

@@ -20,7 +20,8 @@ COMMANDS = {
     "export": ("stages.common.export", "merge an adapter into a standalone model"),
     "demo": ("stages.demo.build", "build the demo's base model and data (no download)"),
     "estimate": ("stages.cli", "per-GPU memory of a stage's config from the model's config.json (no weights)"),
-    "config-get": ("stages.cli", "print one key of a resolved config (used by launch/run_stage.sh)"),
+    "config-get": ("stages.cli", "print keys of a resolved config"),
+    "launch-keys": ("stages.cli", "print a stage's output_dir and deepspeed config (used by launch/run_stage.sh)"),
 }
 
 
@@ -35,6 +36,18 @@ def config_get(argv: list[str]) -> int:
     for key in keys:
         owner = next((cfg for cfg in configs if hasattr(cfg, key)), None)
         print(getattr(owner, key) if owner is not None else None)  # a key this stage does not have (eval: deepspeed)
+    return 0
+
+
+def launch_keys(argv: list[str]) -> int:
+    """``tristage launch-keys STAGE [--config FILE] [overrides]``: the stage's output_dir and deepspeed config, one per
+    line, as the stage will read them, without typing the whole config (so the launcher starts in a fraction of a
+    second; the stage itself still checks every key and refuses a bad config before any model loads)."""
+    from stages.common.config_files import DEFAULT_EVAL_OUTPUT_DIR, DEFAULT_OUTPUT_DIR, raw_value
+
+    stage, rest = argv[0], argv[1:]
+    print(raw_value(rest, "output_dir", DEFAULT_EVAL_OUTPUT_DIR if stage == "eval" else DEFAULT_OUTPUT_DIR))
+    print(raw_value(rest, "deepspeed") if stage != "eval" else None)
     return 0
 
 
@@ -98,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage_main(config_get, rest)
     if command == "estimate":
         return run_stage_main(estimate, rest)
+    if command == "launch-keys":
+        return run_stage_main(launch_keys, rest)
     import importlib
 
     module = importlib.import_module(COMMANDS[command][0])

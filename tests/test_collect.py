@@ -143,6 +143,7 @@ def post_label(port, token, item_id, choice="A") -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_load_20_annotators_x_100_labels_and_a_sigkill(tmp_path):
     db = tmp_path / "labels.db"
     store = LabelStore(db)
@@ -225,6 +226,7 @@ def browser():
     driver.quit()
 
 
+@pytest.mark.slow
 def test_a_browser_labels_with_mouse_and_keyboard_and_model_text_stays_text(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -76,3 +76,63 @@ def test_every_gpu_recipe_parses(recipe):
     configs = parse_config(["--config", str(recipe), *extra], STAGE_CONFIGS[recipe.stem])
     family, mode = recipe.parent.parent.name, recipe.parent.name
     assert any(getattr(c, "output_dir", "") == f"runs/{family}-{mode}/{recipe.stem}" for c in configs)
+
+
+@pytest.mark.parametrize("override, key", [("temperature=-1", "temperature"), ("top_p=0", "top_p"), ("top_k=-2", "top_k"),
+                                           ("max_new_tokens=0", "max_new_tokens"), ("reward_max_length=0", "reward_max_length"),
+                                           ("remote_timeout=0", "remote_timeout"), ("remote_retries=0", "remote_retries"),
+                                           ("remote_batch_size=0", "remote_batch_size"), ("kl_estimator=k9", "kl_estimator"),
+                                           ("critic_init=nobody", "critic_init"), ("ema_decay=1.0", "ema_decay")])
+def test_bad_values_of_stage_keys_name_the_key(override, key):
+    from stages.ppo.config import ARGUMENTS
+
+    with pytest.raises(ConfigError) as err:
+        parse_config([override], ARGUMENTS)
+    assert f"key '{key}'" in str(err.value)
+
+
+def test_rules_come_from_the_registry_entry_points_and_factories():
+    from rewards import rules
+    from rewards.sources import RuleSource
+
+    # the demo's judge is an installed rule (pyproject.toml's tristage.rules entry point); rewards never imports the demo
+    assert "gold_judge" in rules.known_rules()
+    prompt = [{"role": "user", "content": "What is the price of the Zephyr lamp?"}]
+    assert RuleSource("rule:gold_judge")([prompt], ["The Zephyr lamp costs $25. Happy to help!"])[0] == [1.3]
+    assert RuleSource("rule:keyword:a")([prompt], ["banana"])[0] == [3.0]
+    try:
+        rules.register_rule("shouting")(lambda p, r: float(r.isupper()))
+        assert RuleSource("rule:shouting")([prompt, prompt], ["NO", "yes"])[0] == [1.0, 0.0]
+    finally:
+        rules.RULES.pop("shouting")
+    with pytest.raises(ConfigError, match="unknown rule 'rule:nope'.*gold_judge"):
+        RuleSource("rule:nope")
+
+
+def test_seed_streams_are_one_function():
+    from stages.common.seeds import MINIBATCH_ORDER, PROMPT_ORDER, derive_seed
+
+    # the formulas tristage has always used, so a seed reproduces earlier runs
+    assert derive_seed(3, PROMPT_ORDER, 2) == 3 * 7919 + 2
+    assert derive_seed(3, MINIBATCH_ORDER, 5, 1) == 3 * 100_003 + 5 * 101 + 1
+    with pytest.raises(ValueError):
+        derive_seed(3, MINIBATCH_ORDER, 5)
+
+
+STAGE_YAMLS = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if p.stem in ("sft", "rm", "ppo", "eval")]
+
+
+@pytest.mark.parametrize("config", STAGE_YAMLS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_the_launchers_quick_read_equals_the_typed_config(config, capsys):
+    """launch/run_stage.sh reads output_dir and deepspeed without typing the config; they must be what the stage reads."""
+    from stages.cli import main
+
+    stage = config.stem
+    extra = [] if stage == "eval" else ["use_cpu=true"]
+    for overrides in ([], ["output_dir=/tmp/elsewhere", "--deepspeed", "configs/deepspeed/zero2.json"]):
+        if stage == "eval" and overrides:
+            overrides = overrides[:1]
+        assert main(["launch-keys", stage, "--config", str(config), *overrides]) == 0
+        quick = capsys.readouterr().out
+        assert main(["config-get", stage, "output_dir,deepspeed", "--config", str(config), *extra, *overrides]) == 0
+        assert quick == capsys.readouterr().out

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import FIXTURES, assert_ok, run_stage
+from conftest import FIXTURES, assert_ok, run_in_process, run_stage
 
 
 def dry_run_report(result) -> dict:
@@ -19,8 +19,8 @@ def dry_run_report(result) -> dict:
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora", "freeze", "ptuning"])
 def test_sft_dry_run_reports_the_backbone_without_training(tmp_path, tiny_model, mode):
     out = tmp_path / "sft"
-    report = dry_run_report(run_stage("sft", "--dry-run", f"model_name_or_path={tiny_model}", f"output_dir={out}",
-                                      f"finetuning_type={mode}"))
+    report = dry_run_report(run_in_process("sft", "dry_run=true", f"model_name_or_path={tiny_model}", f"output_dir={out}",
+                                           f"finetuning_type={mode}"))
     assert report["dry_run"] == "ok" and report["train_rows"] == 8 and report["optimizer_steps"] == 12
     assert (report["trainable_parameters"] == report["total_parameters"]) == (mode == "full")
     assert 0 < report["trainable_parameters"] <= report["total_parameters"]

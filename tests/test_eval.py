@@ -116,6 +116,7 @@ def run_all(*args):
                           env={**os.environ, "PYTHON": sys.executable, "NUM_GPUS": "0"}, timeout=900)
 
 
+@pytest.mark.slow
 def test_all_chains_the_stages_skips_finished_ones_and_routes_overrides(tmp_path, tiny_config_dir):
     run_dir = tmp_path / "run"
     first = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "rm.learning_rate=0.02", "seed=3")
@@ -137,6 +138,7 @@ def test_all_chains_the_stages_skips_finished_ones_and_routes_overrides(tmp_path
     assert forced.returncode == 0 and "running eval" in forced.stdout and "running sft" not in forced.stdout
 
 
+@pytest.mark.slow
 def test_all_stops_at_a_failing_stage_with_its_exit_code(tmp_path, tiny_config_dir):
     run_dir = tmp_path / "run"
     result = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "--stages", "rm,ppo",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_ok, read_metrics, run_stage
+from conftest import assert_ok, read_metrics, run_in_process, run_stage
 
 
 def test_export_merges_lora_into_a_standalone_model(tmp_path, tiny_model):
@@ -25,8 +25,8 @@ def test_export_merges_lora_into_a_standalone_model(tmp_path, tiny_model):
 
 def test_export_refuses_ptuning(tmp_path, tiny_model):
     adapter = tmp_path / "prefix"
-    assert_ok(run_stage("sft", f"model_name_or_path={tiny_model}", f"output_dir={adapter}", "finetuning_type=ptuning", "max_steps=2"))
-    result = run_stage("export", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), config=None)
+    assert_ok(run_in_process("sft", f"model_name_or_path={tiny_model}", f"output_dir={adapter}", "finetuning_type=ptuning", "max_steps=2"))
+    result = run_in_process("export", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), config=None)
     assert result.returncode == 2 and "cannot be merged" in result.stderr
 
 

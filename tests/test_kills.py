@@ -14,6 +14,8 @@ import torch
 
 from conftest import FIXTURES, ROOT, TINY_SFT, assert_ok, read_metrics, run_stage
 
+pytestmark = pytest.mark.slow  # ten SIGKILLs and resumes: about 2.5 minutes
+
 STAGES = {  # stage: (config, overrides, the final step, what must match, the saved weights)
     "sft": (TINY_SFT, ["max_steps=12", "save_steps=2"], 12, ["loss", "grad_norm"], ["model.safetensors"]),
     "rm": (FIXTURES / "rm_tiny.yaml", ["max_steps=12", "save_steps=2", "max_length=512", f"dataset={FIXTURES / 'dpo_en_demo_sample.json'}"], 12,

@@ -175,6 +175,7 @@ def test_shared_backbone_ppo_runs_and_saves_a_loadable_adapter_stack(tmp_path, l
     assert all(math.isfinite(m["score"]) for m in read_metrics(out))
 
 
+@pytest.mark.slow
 def test_zero3_ppo_on_two_nodes_saves_checkpoints_one_process_loads(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 

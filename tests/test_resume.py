@@ -9,6 +9,7 @@ from conftest import assert_ok, read_metrics, run_stage
 
 
 @pytest.mark.parametrize("mode", ["lora"])  # full fine-tuning: tests/test_kills.py kills and resumes it four times
+@pytest.mark.slow  # resume is also what test_kills checks, ten times
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, mode):
     common = [f"model_name_or_path={tiny_model}", f"finetuning_type={mode}", "max_steps=8", "lora_dropout=0.1",
               "lr_scheduler_type=cosine", "warmup_steps=2"]

@@ -47,6 +47,7 @@ def test_each_backbone_separates_a_separable_set(tmp_path, tiny_model, separable
     assert final["eval_accuracy"] == 1.0
     # The scoring API agrees: every chosen response outscores its rejected one, and the stats are saved.
     scorer = RewardScorer(str(out))
+    assert scorer.max_length == 96  # rm_tiny.yaml's max_length: a reward model scores as long as it was trained
     rows = [json.loads(line) for line in separable_pairs.read_text().splitlines()]
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
@@ -123,6 +124,7 @@ def test_score_command_writes_rewards(tmp_path, tiny_model, separable_pairs):
     assert rewards == pytest.approx([(r - stats.mean) / stats.std for r in raw], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_zero3_rm_on_two_processes_matches_one_process(tmp_path, tiny_model, separable_pairs):
     # A gentle learning rate: at 1e-2 the RM's curve amplifies float summation-order differences.
     single = train_rm(tmp_path / "single", tiny_model, separable_pairs, "finetuning_type=full", "max_steps=6", "learning_rate=1e-3")

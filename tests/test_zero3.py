@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import ROOT, assert_ok, read_metrics, run_stage, run_two_nodes
 
 ZERO3 = str(ROOT / "configs" / "deepspeed" / "zero3.json")
+pytestmark = pytest.mark.slow  # several processes per run
 
 
 def test_zero3_on_two_nodes_matches_one_process_and_saves_what_ranks_held(tmp_path, tiny_model):

@@ -12,7 +12,6 @@ their hyperparameters instead of copying them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,11 @@ from typing import Any, Sequence
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .config_files import DEFAULT_OUTPUT_DIR, load_yaml, override_tokens, split_config_argv, yaml_to_tokens
 from .errors import ConfigError
+
+__all__ = ["FINETUNING_TYPES", "BackboneArguments", "DataArguments", "ModelArguments", "TrainArguments", "config_to_dict",
+           "load_yaml", "parse_config", "save_resolved_config", "split_config_argv"]
 
 FINETUNING_TYPES = ("full", "lora", "qlora", "freeze", "ptuning")
 
@@ -86,7 +89,7 @@ class BackboneArguments:
 class TrainArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the few knobs tristage's own loop adds."""
 
-    output_dir: str = field(default="runs/out", metadata={"help": "Where the model, checkpoints, logs and resolved config go."})
+    output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the model, checkpoints, logs and resolved config go."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | none (metrics.jsonl is always written)."})
     max_nonfinite_steps: int = field(default=5, metadata={
         "help": "Stop with an error after this many optimizer steps (PPO: iterations) in a row were skipped for a NaN/inf "
@@ -99,89 +102,16 @@ class TrainArguments(TrainingArguments):
     )
 
 
-def _yaml_to_tokens(values: dict[str, Any]) -> list[str]:
-    tokens: list[str] = []
-    for key, value in values.items():
-        if value is None or (isinstance(value, (list, tuple)) and not value):
-            continue  # argparse cannot take an empty list; the dataclass default is used
-        tokens.append(f"--{key}")
-        if isinstance(value, bool):
-            tokens.append(str(value).lower())
-        elif isinstance(value, (list, tuple)):
-            tokens.extend(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in value)
-        elif isinstance(value, dict):
-            tokens.append(json.dumps(value))
-        else:
-            tokens.append(str(value))
-    return tokens
-
-
-def _override_tokens(overrides: Sequence[str]) -> list[str]:
-    """``key=value`` and ``--key value`` / ``--key=value`` forms; list values as ``key=[a,b]`` or ``--key a b``."""
-    tokens: list[str] = []
-    for item in overrides:
-        if not item.startswith("-") and "=" in item:
-            key, value = item.split("=", 1)
-            tokens.append(f"--{key}")
-            if value.startswith("[") and value.endswith("]"):
-                tokens.extend(v.strip() for v in value[1:-1].split(",") if v.strip())
-            else:
-                tokens.append(value)
-        else:
-            tokens.append(item)
-    return tokens
-
-
 class _Parser(HfArgumentParser):
     def error(self, message):  # argparse would print usage and exit; we want one line that names the key
         raise ConfigError(message)
-
-
-def split_config_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Pull ``--config FILE`` (or ``config=FILE``) out of argv; the rest are overrides."""
-    argv = list(argv)
-    config_file = None
-    for i, item in enumerate(argv):
-        if item == "--config" and i + 1 < len(argv):
-            config_file = argv[i + 1]
-            del argv[i : i + 2]
-            break
-        if item.startswith("--config=") or item.startswith("config="):
-            config_file = item.split("=", 1)[1]
-            del argv[i]
-            break
-    return config_file, argv
-
-
-def load_yaml(config_file: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML mapping, with its ``base:`` chain (if any) merged underneath it."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError("no such file", file=config_file)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"not valid YAML: {str(err).splitlines()[0]}", file=config_file) from None
-    if not isinstance(values, dict):
-        raise ConfigError("the top level must be a mapping of key: value", file=config_file)
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    if not isinstance(base, str):
-        raise ConfigError("must be the path of another YAML config", key="base", file=config_file)
-    base_path = (path.parent / base).resolve()
-    if base_path in _seen + (path.resolve(),):
-        raise ConfigError(f"the base chain loops back to {base_path}", key="base", file=config_file)
-    if not base_path.is_file():
-        raise ConfigError(f"{base_path} does not exist", key="base", file=config_file)
-    return {**load_yaml(str(base_path), _seen + (path.resolve(),)), **values}
 
 
 def parse_config(argv: Sequence[str], dataclass_types: Sequence[type]) -> tuple:
     """YAML (``--config FILE``) + overrides -> one instance per dataclass type, in order."""
     config_file, overrides = split_config_argv(argv)
     values = load_yaml(config_file) if config_file else {}
-    tokens = _yaml_to_tokens(values) + _override_tokens(overrides)
+    tokens = yaml_to_tokens(values) + override_tokens(overrides)
     parser = _Parser(dataclass_types, allow_abbrev=False)
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=tokens, return_remaining_strings=True)

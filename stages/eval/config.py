@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rewards.sources import RewardSourceArguments, check_specs
 from stages.common.config import DataArguments
+from stages.common.config_files import DEFAULT_EVAL_OUTPUT_DIR
 from stages.common.errors import ConfigError
 from stages.common.generation import SamplingArguments
 
@@ -30,7 +31,7 @@ class EvalArguments:
     num_examples: int = field(default=3, metadata={"help": "Side-by-side examples in the report."})
     export_pairs: str | None = field(default=None, metadata={
         "help": "Write every (prompt, response A, response B) pair, A/B order randomized, as jsonl for collect."})
-    output_dir: str = field(default="runs/eval", metadata={"help": "eval_report.json, eval_report.png, responses.jsonl go here."})
+    output_dir: str = field(default=DEFAULT_EVAL_OUTPUT_DIR, metadata={"help": "eval_report.json, eval_report.png, responses.jsonl go here."})
 
     def __post_init__(self):
         if self.model_names and self.models and len(self.model_names) != len(self.models):
