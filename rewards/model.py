@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.common.backbone import trained_quantization
+from stages.common.loading import trained_quantization
 from stages.common.masks import last_token_index, position_ids_from_mask
 
 STATS_FILE = "reward_stats.json"
@@ -88,10 +88,13 @@ class RewardStats:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def load_reward_model(path: str, dtype: torch.dtype = torch.float32, base: str | None = None) -> RewardModel:
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32, base: str | None = None,
+                      device: torch.device | None = None) -> RewardModel:
     """A full or exported reward model directory, or a peft adapter directory (its base from adapter_config,
-    quantized as in training for QLoRA)."""
+    quantized as in training for QLoRA), with its weights in ``dtype`` on ``device``."""
     from transformers import AutoModelForSequenceClassification
+
+    from stages.common.loading import placement
 
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.is_file():
@@ -99,10 +102,10 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, base: str |
 
         base_path = base or json.loads(adapter_config.read_text())["base_model_name_or_path"]
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype,
-                                                                   quantization_config=trained_quantization(path))
+                                                                   quantization_config=trained_quantization(path), **placement(device))
         model = PeftModel.from_pretrained(model, path)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **placement(device))
     return RewardModel(model).eval()
 
 
@@ -123,11 +126,11 @@ class RewardScorer:
     length the model was trained with (else DEFAULT_MAX_LENGTH)."""
 
     def __init__(self, path: str, normalize: bool = False, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 model: RewardModel | None = None, tokenizer=None):
+                 model: RewardModel | None = None, tokenizer=None, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
         from stages.common.backbone import load_tokenizer
         from stages.common.config import ModelArguments
 
-        self.model = model or load_reward_model(path)
+        self.model = model or load_reward_model(path, dtype=dtype, device=device)
         self.tokenizer = tokenizer or load_tokenizer(ModelArguments(model_name_or_path=path))
         self.stats = RewardStats.load(path) if normalize else None
         if normalize and self.stats is None:
@@ -165,6 +168,7 @@ def prompt_messages(record: dict) -> list[dict]:
 def main(argv=None) -> int:
     from stages.common.data import read_local_records
     from stages.common.errors import DataError
+    from stages.common.loading import check_device_and_dtype, inference_device, inference_dtype
 
     parser = argparse.ArgumentParser(prog="tristage score", description="Add a 'reward' to each {prompt, response} record.")
     parser.add_argument("--model", required=True, help="reward model directory (full, exported, or adapter)")
@@ -174,13 +178,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max_length", type=int, default=None,
                         help=f"tokens per (prompt, response); default: the model's training max_length, else {DEFAULT_MAX_LENGTH}")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs per forward")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16")
     args = parser.parse_args(argv)
+    check_device_and_dtype(args.device, args.dtype, "--device", "--dtype")
+    device = inference_device(args.device)
     records = read_local_records(args.input)
     for number, record in enumerate(records, start=1):
         for key in ("prompt", "response"):
             if not isinstance(record, dict) or key not in record:
                 raise DataError(args.input, "missing", record=number, field=key)
-    scorer = RewardScorer(args.model, normalize=args.normalize, max_length=args.max_length, batch_size=args.batch_size)
+    scorer = RewardScorer(args.model, normalize=args.normalize, max_length=args.max_length, batch_size=args.batch_size,
+                          dtype=inference_dtype(args.dtype, device), device=device)
     rewards = scorer.score([prompt_messages(r) for r in records], [r["response"] for r in records])
     with open(args.output, "w", encoding="utf-8") as f:
         for record, reward in zip(records, rewards):

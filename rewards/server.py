@@ -13,6 +13,8 @@ import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from stages.common.loading import check_device_and_dtype, inference_device, inference_dtype
+
 from .sources import RewardSourceArguments, build_reward
 
 
@@ -50,9 +52,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens a reward model scores per (prompt, response); default: the max_length it was trained with")
     parser.add_argument("--batch-size", type=int, default=16, help="responses a reward model scores per forward")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16")
     args = parser.parse_args(argv)
+    check_device_and_dtype(args.device, args.dtype, "--device", "--dtype")
+    device = inference_device(args.device)
     reward = build_reward(args.source, args.weight, normalize=args.normalize, batch_size=args.batch_size,
-                          settings=RewardSourceArguments(reward_max_length=args.max_length))
+                          settings=RewardSourceArguments(reward_max_length=args.max_length), dtype=inference_dtype(args.dtype, device),
+                          device=device)
     server = make_server(lambda prompts, responses: reward(prompts, responses)[1].tolist(), args.host, args.port)
     print(f"[tristage] reward server on http://{args.host}:{server.server_address[1]}/ (POST prompts, responses)", flush=True)
     try:

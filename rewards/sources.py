@@ -91,12 +91,14 @@ class ModelSource:
     """A reward model through ``RewardScorer`` (chat template, reward at the last real token). ``model`` may
     be a DeepSpeed inference engine (ZeRO-3) or a shared-backbone view; by default the directory is loaded."""
 
-    def __init__(self, path: str, normalize: bool, max_length: int | None, batch_size: int, model=None, tokenizer=None):
+    def __init__(self, path: str, normalize: bool, max_length: int | None, batch_size: int, model=None, tokenizer=None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None):
         from rewards.model import RewardScorer, RewardStats
 
         if not Path(path).is_dir():
             raise ConfigError(f"{path!r} is not a reward model directory (nor rule:NAME or an http URL)", key="reward_model")
-        self.scorer = RewardScorer(path, normalize=False, max_length=max_length, batch_size=batch_size, model=model, tokenizer=tokenizer)
+        self.scorer = RewardScorer(path, normalize=False, max_length=max_length, batch_size=batch_size, model=model, tokenizer=tokenizer,
+                                   dtype=dtype, device=device)
         self.stats = RewardStats.load(path) if normalize else None
         if normalize and self.stats is None:
             raise ConfigError(f"{path} has no reward_stats.json to normalize with; set reward_normalize: false", key="reward_normalize")
@@ -127,13 +129,15 @@ def check_specs(specs: list[str] | None, key: str, allow_missing: bool = False) 
 
 
 def build_source(spec: str, normalize: bool, batch_size: int = DEFAULT_BATCH_SIZE, settings: RewardSourceArguments | None = None,
-                 model=None, tokenizer=None):
+                 model=None, tokenizer=None, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+    """One source; a reward model is ``model`` when given, else loaded from ``spec`` in ``dtype`` on ``device``."""
     settings = settings or RewardSourceArguments()
     if is_rule(spec):
         return RuleSource(spec)
     if is_remote(spec):
         return RemoteSource(spec, settings)
-    return ModelSource(spec, normalize, settings.reward_max_length, batch_size, model=model, tokenizer=tokenizer)
+    return ModelSource(spec, normalize, settings.reward_max_length, batch_size, model=model, tokenizer=tokenizer, dtype=dtype,
+                       device=device)
 
 
 class Reward:
@@ -155,10 +159,11 @@ class Reward:
 
 
 def build_reward(specs: list[str], weights: list[float] | None = None, normalize: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
-                 settings: RewardSourceArguments | None = None, models: dict | None = None, tokenizer=None) -> Reward:
+                 settings: RewardSourceArguments | None = None, models: dict | None = None, tokenizer=None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Reward:
     """``batch_size``: responses a reward model scores per forward. ``models`` maps a reward-model spec to an already
-    built model (engine or shared view) to use for it."""
+    built model (engine or shared view) to use for it; the others load in ``dtype`` on ``device``."""
     check_specs(specs, key="reward_model")
     models = models or {}
-    return Reward([build_source(s, normalize, batch_size, settings, model=models.get(s), tokenizer=tokenizer if s in models else None)
-                   for s in specs], weights)
+    return Reward([build_source(s, normalize, batch_size, settings, model=models.get(s), tokenizer=tokenizer if s in models else None,
+                                dtype=dtype, device=device) for s in specs], weights)

@@ -55,7 +55,7 @@ def _gpu_defaults() -> tuple[int, float]:
     """GPUs per node and GiB per GPU from this machine when it has GPUs, else a typical 8 x 80 GiB node."""
     import torch
 
-    from stages.common.estimate import GIB
+    from stages.common.memory import GIB
 
     if torch.cuda.is_available():
         return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB

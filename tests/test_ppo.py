@@ -116,7 +116,8 @@ def test_shared_backbone_reference_and_reward_equal_the_standalone_models(lora_s
     from torch import nn
 
     from rewards.model import RewardScorer, load_reward_model
-    from stages.common.backbone import load_policy, load_tokenizer
+    from stages.common.backbone import load_tokenizer
+    from stages.common.loading import load_policy
     from stages.common.config import parse_config
     from stages.common.distributed import DistInfo
     from stages.common.generation import join, left_pad, response_mask
@@ -161,7 +162,7 @@ def test_shared_backbone_reference_and_reward_equal_the_standalone_models(lora_s
 
 
 def test_shared_backbone_ppo_runs_and_saves_a_loadable_adapter_stack(tmp_path, lora_stages):
-    from stages.common.backbone import POLICY_STACK_FILE, load_policy
+    from stages.common.loading import POLICY_STACK_FILE, load_policy
 
     sft, rm = lora_stages
     out = tmp_path / "shared"

@@ -32,7 +32,7 @@ def target_hardware(path: Path) -> tuple[int, int, int]:
 def shape_of(family: Path):
     from transformers import AutoConfig
 
-    from stages.common.estimate import ModelShape
+    from stages.common.memory import ModelShape
 
     return ModelShape.from_config(AutoConfig.from_pretrained(family / "config.json"))
 
@@ -66,7 +66,7 @@ def test_model_shape_matches_deepspeeds_count_of_a_real_model(tiny_model):
     from deepspeed.runtime.zero.stage3 import model_to_params
     from transformers import AutoModelForCausalLM
 
-    from stages.common.estimate import ModelShape
+    from stages.common.memory import ModelShape
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     total, largest = model_to_params(model)
@@ -80,7 +80,7 @@ def test_model_shape_matches_deepspeeds_count_of_a_real_model(tiny_model):
 def test_zero3_model_states_agree_with_deepspeed_within_10_percent(family, gpus_per_node, nodes, offload):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    from stages.common.estimate import ZeroSettings, model_state_bytes
+    from stages.common.memory import ZeroSettings, model_state_bytes
 
     shape = shape_of(family)
     total, largest = shape.parameters(), shape.largest_layer_parameters()
@@ -96,7 +96,7 @@ def test_zero3_model_states_agree_with_deepspeed_within_10_percent(family, gpus_
 def test_zero2_model_states_agree_with_deepspeed(gpus, offload):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from stages.common.estimate import ZeroSettings, model_state_bytes
+    from stages.common.memory import ZeroSettings, model_state_bytes
 
     shape = shape_of(RECIPES / "llama3.1-8b")
     ours = sum(model_state_bytes(shape.parameters(), 0, shape.largest_layer_parameters(), gpus, ZeroSettings(2, offload)).values())

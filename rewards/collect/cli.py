@@ -67,7 +67,8 @@ def items_from_pairs(path: str, seed: int = 0) -> list[dict]:
 def items_from_models(models: list[str], prompts_file: str, seed: int, max_new_tokens: int, temperature: float,
                       max_prompt_length: int, batch_size: int) -> list[dict]:
     """Two responses per prompt: one from each of two models, or two samples of one model."""
-    from stages.common.backbone import load_policy, load_tokenizer
+    from stages.common.backbone import load_tokenizer
+    from stages.common.loading import load_policy
     from stages.common.config import DataArguments, ModelArguments
     from stages.common.data import build_prompt_data
     from stages.common.generation import SamplingArguments, sample_responses

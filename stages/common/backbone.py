@@ -7,7 +7,6 @@ peft does the adapters (LoRA, PrefixTuning = P-Tuning v2, PromptEncoder = P-tuni
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 
 import torch
@@ -98,9 +97,9 @@ def load_pretrained(auto_class, model_args: ModelArguments, backbone: BackboneAr
         kwargs["attn_implementation"] = model_args.attn_implementation
     if backbone.finetuning_type == "qlora":
         kwargs["quantization_config"] = quantization_config(backbone, train_args)
-        kwargs["dtype"] = compute_dtype(train_args)
-    else:
-        kwargs["dtype"] = torch.float32  # fp32 master weights; bf16/fp16 come from autocast or DeepSpeed
+    # Weights that train are float32 (master weights; bf16/fp16 compute comes from autocast or DeepSpeed). An adapter's
+    # or a prompt's frozen base loads in the compute dtype, as --estimate counts it; freeze casts its frozen part later.
+    kwargs["dtype"] = torch.float32 if backbone.finetuning_type in ("full", "freeze") else compute_dtype(train_args)
     try:
         return auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -202,83 +201,28 @@ def apply_backbone(model: nn.Module, backbone: BackboneArguments, train_args, ta
         for name, param in model.named_parameters():
             if head_modules and _matches(name, head_modules):
                 param.requires_grad_(True)
+        if not train_args.deepspeed:  # the frozen blocks only run forwards: the compute dtype is enough (DeepSpeed casts itself)
+            with torch.no_grad():
+                for param in model.parameters():
+                    if not param.requires_grad:
+                        param.data = param.data.to(compute_dtype(train_args))
     else:
         model = peft.get_peft_model(model, peft_config(backbone, task_type, head_modules))
+    if not train_args.deepspeed:  # DeepSpeed keeps its own float32 master weights
+        upcast_trainable(model)
     return model
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Every weight that trains is float32: a head copied from a 16-bit base (peft's modules_to_save) would otherwise
+    train in 16-bit, where small updates round away."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); under ZeRO-3 a parameter's full size is ds_numel, its local shard is smaller."""
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     return sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
-
-
-def trained_quantization(path: str):
-    """The bitsandbytes config an adapter was trained with (from its tristage_config.yaml), so loading sees
-    the same (quantized) base as training did."""
-    import argparse
-
-    import yaml
-
-    config_file = Path(path) / "tristage_config.yaml"
-    if not config_file.is_file():
-        return None
-    values = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    if values.get("finetuning_type") != "qlora":
-        return None
-    known = {k: values[k] for k in ("quantization_bit", "quantization_type", "double_quantization") if k in values}
-    backbone = BackboneArguments(finetuning_type="qlora", **known)
-    precision = argparse.Namespace(bf16=bool(values.get("bf16")), fp16=bool(values.get("fp16")))
-    return quantization_config(backbone, precision)
-
-
-# A PPO output with LoRA is a stack of adapters on one base (the SFT adapter, if SFT trained one, then the
-# PPO adapter); this file lists them so the stack loads (and exports) as trained.
-POLICY_STACK_FILE = "tristage_policy.json"
-
-
-def adapter_base_path(path: str) -> str | None:
-    """The base model of an adapter directory or of an adapter stack; None for a full model."""
-    stack = Path(path) / POLICY_STACK_FILE
-    if stack.is_file():
-        return json.loads(stack.read_text())["base_model_name_or_path"]
-    config = Path(path) / "adapter_config.json"
-    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
-
-
-def policy_adapters(path: str) -> list[tuple[str, str]]:
-    """(adapter name, directory) of each adapter a policy directory adds to its base, in stacking order."""
-    stack = Path(path) / POLICY_STACK_FILE
-    if stack.is_file():
-        return [(name, str(Path(path) / name)) for name in json.loads(stack.read_text())["adapters"]]
-    return [("default", path)] if (Path(path) / "adapter_config.json").is_file() else []
-
-
-def attach_adapters(model: nn.Module, adapters: list[tuple[str, str]], trainable: bool = False) -> nn.Module:
-    """Load adapters onto a base model and make them all active (stacked: their deltas add up)."""
-    from peft import PeftModel
-
-    (first, first_dir), rest = adapters[0], adapters[1:]
-    model = PeftModel.from_pretrained(model, first_dir, adapter_name=first, is_trainable=trainable)
-    for name, directory in rest:
-        model.load_adapter(directory, adapter_name=name, is_trainable=trainable)
-    model.base_model.set_adapter([name for name, _ in adapters])
-    if not trainable:
-        model.requires_grad_(False)
-    return model
-
-
-def load_policy(path: str, dtype: torch.dtype = torch.float32, quantization="trained", trust_remote_code: bool = False) -> nn.Module:
-    """A causal LM as a stage saved it: a full model, a base + adapter, or a base + adapter stack (PPO with
-    LoRA). Adapters stay unmerged; QLoRA adapters load onto the same 4-bit base they were trained on."""
-    from transformers import AutoModelForCausalLM
-
-    base_path = adapter_base_path(path)
-    if base_path is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                    quantization_config=None if quantization == "trained" else quantization)
-    if quantization == "trained":
-        quantization = trained_quantization(path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, quantization_config=quantization,
-                                                 trust_remote_code=trust_remote_code)
-    return attach_adapters(model, policy_adapters(path))

@@ -54,13 +54,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+BACKEND_DEVICE = {"nccl": "cuda", "gloo": "cpu", "mpi": "cpu", "xccl": "xpu", "hccl": "npu"}  # a backend named alone
+
+
+def collective_device_type(backend_config: str) -> str:
+    """The device type our collectives use for a process group with this backend config (``"nccl"``, ``"cuda:nccl"``,
+    ``"cpu:gloo,cuda:nccl"``): the CPU when the group has a CPU backend (no copy for a few floats), else the group's
+    first device type. NCCL takes only CUDA tensors: a CPU tensor there fails with "No backend type associated
+    with device type cpu"."""
+    types = [part.split(":")[0] if ":" in part else BACKEND_DEVICE.get(part, part) for part in backend_config.split(",")]
+    return "cpu" if "cpu" in types else types[0]
+
+
+def collective_device() -> torch.device:
+    """This process's device of the default process group's type (see collective_device_type)."""
+    device_type = collective_device_type(dist.get_backend_config())
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks (metrics, token counts)."""
+    """Sum a few floats over all ranks (metrics, token counts), float64, on the process group's device."""
     if not dist.is_initialized():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor.cpu().tolist()
 
 
 def is_main_process() -> bool:

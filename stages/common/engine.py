@@ -107,6 +107,7 @@ class TrainingEngine:
         self.args, self.dist, self.ds_config = train_args, dist, ds_config
         self.model = model
         self.ds_engine = None
+        self.scaler = None
         if ds_config is None:
             if dist.world_size > 1:
                 raise ConfigError("several processes need a DeepSpeed config (configs/deepspeed/zero2.json or zero3.json)", key="deepspeed")
@@ -114,6 +115,9 @@ class TrainingEngine:
                 model.to(dist.device)
             self.optimizer = build_optimizer(model, train_args)
             self.scheduler = build_scheduler(self.optimizer, train_args, total_steps)
+            # fp16's narrow range underflows small gradients: scale the loss up, and the gradients back before clipping.
+            # (bf16 has float32's range and needs none; DeepSpeed scales fp16 itself.)
+            self.scaler = torch.amp.GradScaler(dist.device.type) if train_args.fp16 else None
         else:
             import deepspeed
 
@@ -127,6 +131,7 @@ class TrainingEngine:
                 model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
             )
         self.autocast_dtype = torch.bfloat16 if train_args.bf16 else (torch.float16 if train_args.fp16 else None)
+        self.overflowed = False  # the last optimizer step was skipped by the fp16 loss scaler (not a NaN in the run)
 
     # ---------------------------------------------------------------- forward / backward / step
     @property
@@ -157,6 +162,8 @@ class TrainingEngine:
         if self.ds_engine is not None:
             self.ds_engine.backward(loss, scale_wrt_gas=False)
             self.ds_engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
@@ -177,9 +184,16 @@ class TrainingEngine:
             norm = self.ds_engine.get_global_grad_norm()
             return float(norm) if norm is not None else None
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf"))
         skip = getattr(self, "_skip_window", False) or not torch.isfinite(norm)
-        if not skip:
+        self.overflowed = self.scaler is not None and not torch.isfinite(norm)
+        if self.scaler is not None:
+            if not skip:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()  # an overflow halves the scale, a run of good steps doubles it
+        elif not skip:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,12 +207,15 @@ class TrainingEngine:
     def save_checkpoint(self, directory: Path, client_state: dict[str, Any]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():  # sampling and dropout on a GPU draw from the CUDA generators
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, directory / f"rng_rank{self.dist.rank}.pt")
         if self.ds_engine is not None:
             self.ds_engine.save_checkpoint(str(directory), tag="engine", client_state=client_state)
             return
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                     "client_state": client_state}, directory / "engine.pt")
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
@@ -212,12 +229,16 @@ class TrainingEngine:
                     params[name].copy_(value)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             client_state = state["client_state"]
         rng_file = directory / f"rng_rank{self.dist.rank}.pt"
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         return client_state
 
     # ---------------------------------------------------------------- final weights
@@ -257,13 +278,17 @@ class TrainingEngine:
             yield
 
 
+def zero_stage(ds_config: dict | None) -> int:
+    return (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+
+
 def frozen_model(model: nn.Module, ds_config: dict | None, dist: DistInfo):
     """A model that only runs forwards (PPO's reference and reward models). Under ZeRO-3 it was partitioned
     while loading, so it runs inside a DeepSpeed engine without an optimizer (ZeRO inference); otherwise it
     is the plain model on this process's device."""
     model.requires_grad_(False)
     model.eval()
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if zero_stage(ds_config) == 3:
         import deepspeed
 
         config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}

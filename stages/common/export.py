@@ -23,7 +23,7 @@ def export_merged(adapter_dir: str, output_dir: str, base: str | None = None, dt
     import transformers
     from peft import PeftConfig, PeftModel
 
-    from .backbone import POLICY_STACK_FILE, load_policy
+    from .loading import POLICY_STACK_FILE, load_policy
 
     if (Path(adapter_dir) / POLICY_STACK_FILE).is_file():  # a PPO adapter stack (SFT adapter + PPO adapter)
         merged = load_policy(adapter_dir, dtype=getattr(torch, dtype), quantization=None).merge_and_unload()

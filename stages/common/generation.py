@@ -67,14 +67,19 @@ def response_logits(logits: torch.Tensor, response_width: int) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) at the sampled tokens: the distribution the sampler actually drew from."""
-    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits / T) at the sampled tokens: the distribution the sampler actually drew from. In float32, one
+    row at a time, so the (rows x length x vocabulary) logits are never copied to float32 all at once."""
+    return torch.stack([F.log_softmax(row.float() / temperature, dim=-1).gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
+                        for row, row_tokens in zip(logits, tokens)])
 
 
 def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logprobs.exp() * logprobs).sum(dim=-1)
+    """The entropy of softmax(logits / T) at every position; float32, one row at a time (see token_logprobs)."""
+    entropies = []
+    for row in logits:
+        logprobs = F.log_softmax(row.float() / temperature, dim=-1)
+        entropies.append(-(logprobs.exp() * logprobs).sum(dim=-1))
+    return torch.stack(entropies)
 
 
 def generation_config(sampling: SamplingArguments, tokenizer, greedy: bool = False):
@@ -134,7 +139,7 @@ def sequence_logprobs(model, batches, temperature: float) -> list[float]:
     totals = []
     for (ids, mask), response, resp_mask in batches:
         inputs = {k: v.to(device) for k, v in join(ids, mask, response, resp_mask).items()}
-        logits = response_logits(model(**inputs).logits, response.shape[1])
+        logits = response_logits(model(**inputs, logits_to_keep=response.shape[1] + 1).logits, response.shape[1])
         logprobs = token_logprobs(logits, response.to(device), temperature) * resp_mask.to(device)
         totals += logprobs.sum(dim=1).tolist()
     return totals

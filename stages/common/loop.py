@@ -213,7 +213,8 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             window_count += global_count / dist.world_size
             grad_norm = engine.optimizer_step()
             step += 1
-            nonfinite.update(window_bad or grad_norm is None or not math.isfinite(grad_norm), step)
+            overflow = engine.overflowed  # fp16's loss scaler skipped the step and lowered its scale: expected, not a NaN
+            nonfinite.update(window_bad or ((grad_norm is None or not math.isfinite(grad_norm)) and not overflow), step)
             tracker.advance_to(step, f"loss {window_loss / max(window_count, 1):.4f}")
             if step % train_args.logging_steps == 0 or step == steps:
                 keys = sorted(window_extra)

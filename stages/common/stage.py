@@ -3,15 +3,23 @@ needs one even for a single process), seed everything, and load the tokenizer â€
 setting fails before any process group or download."""
 from __future__ import annotations
 
+import os
+
 from transformers import set_seed
 
 from .backbone import check_backbone_args, load_tokenizer
 from .distributed import DistInfo, init_distributed
+from .errors import ConfigError
 
 
 def start_stage(stage: str, model_args, backbone_args, train_args, packing: bool = False) -> tuple[DistInfo, object]:
     """Returns (this process's place in the group, the tokenizer)."""
     check_backbone_args(backbone_args, train_args, stage=stage, packing=packing)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and not train_args.deepspeed and not train_args.dry_run:
+        raise ConfigError(f"{processes} processes were started, but without a DeepSpeed config a stage trains in one process: "
+                          "set deepspeed (configs/deepspeed/zero2.json or zero3.json), or start one process (NPROC=1)",
+                          key="deepspeed")
     dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
     set_seed(train_args.seed)
     return dist, load_tokenizer(model_args)

@@ -13,6 +13,7 @@ matter to them; the exported pairs for humans are shown in a randomized A/B orde
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import random
@@ -21,9 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rewards.sources import build_source
-from stages.common.backbone import load_policy, load_tokenizer
+from stages.common.backbone import load_tokenizer
+from stages.common.loading import inference_device, inference_dtype, load_policy
 from stages.common.config import ModelArguments, parse_config
 from stages.common.data import build_prompt_data
 from stages.common.generation import sample_responses, sequence_logprobs
@@ -41,11 +44,45 @@ def model_names(eval_args) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
 
 
-def score_with_judges(eval_args, settings, prompt_messages: list[list[dict]], texts: list[str]) -> dict[str, list[float]]:
-    scores = {}
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sample_models(eval_args, names: list[str], tokenizer, prompts: list[dict], sampling, device, dtype) -> dict:
+    """Each model's responses and their KL to the reference, with one model in memory besides the reference. The
+    reference loads once and, when it is one of the models (by default the first), is that model; everything is
+    freed before the judges load."""
+    reference_path = eval_args.reference_model or eval_args.models[0]
+    reference = load_policy(reference_path, dtype=dtype, device=device).eval()
+    samples = {}
+    for name, path in zip(names, eval_args.models):
+        is_reference = Path(path).resolve() == Path(reference_path).resolve()
+        model = reference if is_reference else load_policy(path, dtype=dtype, device=device).eval()
+        print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path})", flush=True)
+        samples[name] = sample_responses(model, tokenizer, prompts, sampling, eval_args.samples_per_prompt, eval_args.batch_size,
+                                         eval_args.seed)
+        own = sequence_logprobs(model, samples[name]["batches"], sampling.temperature)
+        ref = own if is_reference else sequence_logprobs(reference, samples[name]["batches"], sampling.temperature)
+        samples[name]["kl"] = [a - b for a, b in zip(own, ref)]  # E_model[log model - log ref] = KL(model || ref)
+        del model
+        release_memory()
+    del reference
+    release_memory()
+    return samples
+
+
+def score_with_judges(eval_args, settings, prompt_messages: list[list[dict]], texts: dict[str, list[str]], device, dtype) -> dict:
+    """{model: {judge: scores}}; each judge is built (a reward model loaded) once for all models."""
+    scores: dict[str, dict] = {name: {} for name in texts}
     for spec in eval_args.judges:
-        raw, normalized = build_source(spec, eval_args.judge_normalize, eval_args.judge_batch_size, settings)(prompt_messages, texts)
-        scores[spec] = normalized if eval_args.judge_normalize else raw
+        judge = build_source(spec, eval_args.judge_normalize, eval_args.judge_batch_size, settings, dtype=dtype, device=device)
+        for name, model_texts in texts.items():
+            raw, normalized = judge(prompt_messages, model_texts)
+            scores[name][spec] = normalized if eval_args.judge_normalize else raw
+        del judge
+        release_memory()
     return scores
 
 
@@ -131,26 +168,18 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(eval_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    samples = {}
-    reference = load_policy(eval_args.reference_model or eval_args.models[0]).eval()
-    for name, path in zip(names, eval_args.models):
-        model = load_policy(path).eval()
-        print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path})", flush=True)
-        samples[name] = sample_responses(model, tokenizer, prompts, sampling, eval_args.samples_per_prompt, eval_args.batch_size,
-                                         eval_args.seed)
-        own = sequence_logprobs(model, samples[name]["batches"], sampling.temperature)
-        ref = sequence_logprobs(reference, samples[name]["batches"], sampling.temperature)
-        samples[name]["kl"] = [a - b for a, b in zip(own, ref)]  # E_model[log model - log ref] = KL(model || ref)
-        del model
+    device = inference_device(eval_args.device)
+    dtype = inference_dtype(eval_args.dtype, device)
+    samples = sample_models(eval_args, names, tokenizer, prompts, sampling, device, dtype)
 
     shape = (len(prompts), eval_args.samples_per_prompt)
     prompt_messages = [p["prompt"] for p in prompts for _ in range(eval_args.samples_per_prompt)]
-    scores = {name: {judge: np.array(values).reshape(shape) for judge, values in
-                     score_with_judges(eval_args, reward_settings, prompt_messages, samples[name]["texts"]).items()}
-              for name in names}
+    judged = score_with_judges(eval_args, reward_settings, prompt_messages, {n: samples[n]["texts"] for n in names}, device, dtype)
+    scores = {name: {judge: np.array(values).reshape(shape) for judge, values in judged[name].items()} for name in names}
 
     rounds, seed = eval_args.bootstrap_samples, eval_args.seed
-    report = {"settings": {**asdict(eval_args), **asdict(sampling), "model_names": names, "num_prompts": len(prompts), "datasets": data_args.dataset},
+    report = {"settings": {**asdict(eval_args), **asdict(sampling), "model_names": names, "num_prompts": len(prompts),
+                           "datasets": data_args.dataset, "loaded_as": {"device": str(device), "dtype": str(dtype).split(".")[-1]}},
               "models": {}, "win_rates": [], "examples": []}
     for name, path in zip(names, eval_args.models):
         kl = np.array(samples[name]["kl"]).reshape(shape)

@@ -10,6 +10,7 @@ from stages.common.config import DataArguments
 from stages.common.config_files import DEFAULT_EVAL_OUTPUT_DIR
 from stages.common.errors import ConfigError
 from stages.common.generation import SamplingArguments
+from stages.common.loading import check_device_and_dtype
 
 
 @dataclass
@@ -27,6 +28,9 @@ class EvalArguments:
     samples_per_prompt: int = field(default=4, metadata={"help": "Responses per prompt and model (paired across models by index)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per generate call and per log-prob pass."})
     seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto (this machine's GPU if it has one, else the CPU), cpu, cuda or cuda:N."})
+    dtype: str = field(default="auto", metadata={
+        "help": "The models' and judges' weights: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16."})
     bootstrap_samples: int = field(default=2000, metadata={"help": "Bootstrap rounds for every confidence interval."})
     num_examples: int = field(default=3, metadata={"help": "Side-by-side examples in the report."})
     export_pairs: str | None = field(default=None, metadata={
@@ -39,6 +43,7 @@ class EvalArguments:
         for key in ("samples_per_prompt", "batch_size", "judge_batch_size", "bootstrap_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError("must be >= 1", key=key)
+        check_device_and_dtype(self.device, self.dtype)
 
     def validate(self) -> None:
         """What must exist when eval starts (not when a pipeline parses the config, before the models are trained)."""

@@ -75,8 +75,12 @@ class PPOArguments:
         if self.kl_target <= 0:
             raise ConfigError("must be > 0", key="kl_target")
 
+    def reward_models(self) -> list[str]:
+        """The reward sources that are reward-model directories (not rules or servers)."""
+        return [s for s in self.reward_model or [] if is_model_source(s)]
+
     def first_reward_model(self) -> str | None:
-        return next((s for s in self.reward_model or [] if is_model_source(s)), None)
+        return next(iter(self.reward_models()), None)
 
     def validate(self, backbone: BackboneArguments, sampling: SamplingArguments, train_args) -> list[str]:
         """The checks that involve other keys or the disk, before anything loads. In a dry run a reward-model directory

@@ -79,10 +79,10 @@ def make_experience(roles, tokenizer, rows: list[dict], ppo_args, sampling, beta
     logprobs, ref_logprobs, values, entropy = [], [], [], []
     for chunk in _in_chunks(len(rows), inference_batch):
         inputs = join(prompt_ids[chunk], prompt_mask[chunk], response_ids[chunk], mask[chunk])
-        logits = response_logits(roles.actor_logits(inputs), width)
+        logits = response_logits(roles.actor_logits(inputs, keep=width + 1), width)
         logprobs.append(token_logprobs(logits, response_ids[chunk], sampling.temperature))
         entropy.append(token_entropy(logits, sampling.temperature))
-        ref = response_logits(roles.ref_logits(inputs), width)
+        ref = response_logits(roles.ref_logits(inputs, keep=width + 1), width)
         ref_logprobs.append(token_logprobs(ref, response_ids[chunk], sampling.temperature))
         values.append(response_logits(roles.values(inputs), width))  # V(s_t) is read where token t is predicted
     logprobs, ref_logprobs, values, entropy = (torch.cat(x) for x in (logprobs, ref_logprobs, values, entropy))

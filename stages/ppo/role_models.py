@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from rewards.model import SCORE_HEAD, RewardModel, score_head
-from stages.common.backbone import (POLICY_STACK_FILE, adapter_base_path, apply_backbone, attach_adapters, load_pretrained,
-                                    peft_config, policy_adapters, prepare_for_training, quantization_config)
+from stages.common.backbone import (apply_backbone, load_pretrained, peft_config, prepare_for_training, quantization_config,
+                                    upcast_trainable)
+from stages.common.loading import POLICY_STACK_FILE, adapter_base_path, attach_adapters, policy_adapters
 from stages.common.masks import last_token_index, position_ids_from_mask
 
 PPO_ADAPTER, CRITIC_ADAPTER, REWARD_ADAPTER = "ppo", "critic", "reward"
@@ -30,6 +31,11 @@ def mark_trainable(model: nn.Module, adapter_names: list[str]) -> None:
     for name, param in model.named_parameters():
         parts = name.split(".")
         param.requires_grad_(any(a in parts for a in adapter_names))
+
+
+def upcast_unless_deepspeed(model: nn.Module, train_args) -> None:
+    if not train_args.deepspeed:  # DeepSpeed keeps its own float32 master weights
+        upcast_trainable(model)
 
 
 def _with_path(model_args, path: str):
@@ -60,6 +66,7 @@ def load_actor_model(model_args, backbone, train_args):
     names = [name for name, _ in sft_adapters]
     model.base_model.set_adapter(names + [PPO_ADAPTER])
     mark_trainable(model, [PPO_ADAPTER])
+    upcast_unless_deepspeed(model, train_args)
     return model, names
 
 
@@ -82,12 +89,14 @@ def load_critic_model(ppo_args, model_args, backbone, train_args, pad_token_id: 
         return RewardModel(apply_backbone(model, backbone, train_args, task_type="SEQ_CLS", head_modules=SCORE_HEAD))
     if ppo_args.critic_init == "reward" and len(adapters) == 1:  # keep training the RM's own adapter and head
         model = PeftModel.from_pretrained(prepare_for_training(model, backbone, train_args), adapters[0][1], is_trainable=True)
+        upcast_unless_deepspeed(model, train_args)
         return RewardModel(model)
     if adapters:
         model = attach_adapters(prepare_for_training(model, backbone, train_args), adapters)
         model.add_adapter(CRITIC_ADAPTER, peft_config(backbone, "SEQ_CLS", SCORE_HEAD))
         model.base_model.set_adapter([name for name, _ in adapters] + [CRITIC_ADAPTER])
         mark_trainable(model, [CRITIC_ADAPTER])
+        upcast_unless_deepspeed(model, train_args)
         return RewardModel(model)
     return RewardModel(apply_backbone(model, backbone, train_args, task_type="SEQ_CLS", head_modules=SCORE_HEAD))
 
@@ -137,10 +146,11 @@ class SharedBackbone(nn.Module):
         causal_lm = self.peft_model.get_base_model()
         return getattr(causal_lm, causal_lm.base_model_prefix)
 
-    def forward(self, role: str, input_ids, attention_mask, position_ids=None, **_):
+    def forward(self, role: str, input_ids, attention_mask, position_ids=None, logits_to_keep: int = 0, **_):
         self.use(role)
         if role in ("actor", "ref"):
-            return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+            return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                                   logits_to_keep=logits_to_keep).logits
         hidden = self.decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         head = self.value_head if role == "critic" else self.reward_head

@@ -22,8 +22,9 @@ from torch import nn
 
 from rewards.model import load_reward_model
 from rewards.sources import Reward, build_reward, is_model_source
-from stages.common.backbone import adapter_base_path, load_policy, peft_config, policy_adapters
-from stages.common.engine import TrainingEngine, frozen_model
+from stages.common.backbone import compute_dtype, peft_config
+from stages.common.loading import adapter_base_path, load_policy, policy_adapters
+from stages.common.engine import TrainingEngine, frozen_model, zero_stage
 
 from .role_models import (CRITIC_ADAPTER, PPO_ADAPTER, REWARD_ADAPTER, SharedBackbone, SharedRewardView, actor_quantization,
                           critic_train_args, disable_dropout, load_actor_model, load_critic_model, save_policy, split_reward_adapter)
@@ -42,11 +43,13 @@ class Roles(Protocol):
         """The engines whose state a checkpoint holds, by name."""
 
     def generation_model(self) -> ContextManager[nn.Module]:
-        """The policy, ready for ``generate``, inside the block."""
+        """The policy, ready for ``generate``, inside the block (under the training precision's autocast)."""
 
-    def actor_logits(self, inputs: dict) -> torch.Tensor: ...
+    def actor_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
+        """The actor's logits at the last ``keep`` positions (0: all): PPO needs only the response's, and a
+        (rows x length x vocabulary) tensor is the largest one it makes."""
 
-    def ref_logits(self, inputs: dict) -> torch.Tensor: ...
+    def ref_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor: ...
 
     def values(self, inputs: dict) -> torch.Tensor:
         """The critic's value at every position of the rows."""
@@ -74,8 +77,11 @@ class SeparateRoles:
         actor, self.sft_adapters = load_actor_model(model_args, backbone, train_args)
         critic = load_critic_model(ppo_args, model_args, backbone, train_args, tokenizer.pad_token_id)
         ref_path = ppo_args.ref_model_name_or_path or model_args.model_name_or_path
-        ref = load_policy(ref_path, quantization=actor_quantization(backbone, train_args))
-        reward_models = {spec: frozen_model(load_reward_model(spec), ds_config, dist)
+        # frozen roles in the compute dtype (what a DeepSpeed bf16 actor computes in, so KL is 0 at step 0), straight
+        # onto this process's device unless ZeRO-3 partitions them while they load
+        frozen = {"dtype": compute_dtype(train_args), "device": None if zero_stage(ds_config) == 3 else dist.device}
+        ref = load_policy(ref_path, quantization=actor_quantization(backbone, train_args), **frozen)
+        reward_models = {spec: frozen_model(load_reward_model(spec, **frozen), ds_config, dist)
                          for spec in ppo_args.reward_model if is_model_source(spec)}
         if ppo_args.disable_dropout:
             for model in (actor, critic, ref):
@@ -97,18 +103,21 @@ class SeparateRoles:
     def generation_model(self):
         """The actor with its ZeRO-3 shards gathered once for the whole rollout (not once per token)."""
         self.actor.train(False)
-        with self.actor.generation_model() as model:
+        with self.actor.generation_model() as model, self.actor.forward_context():
             yield model
 
-    def actor_logits(self, inputs: dict) -> torch.Tensor:
-        return self.actor.forward_model(**inputs, use_cache=False).logits
+    def actor_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
+        with self.actor.forward_context():
+            return self.actor.forward_model(**inputs, use_cache=False, logits_to_keep=keep).logits
 
     @torch.no_grad()
-    def ref_logits(self, inputs: dict) -> torch.Tensor:
-        return self.ref(**inputs, use_cache=False).logits
+    def ref_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
+        with self.actor.forward_context():
+            return self.ref(**inputs, use_cache=False, logits_to_keep=keep).logits
 
     def values(self, inputs: dict) -> torch.Tensor:
-        return self.critic.forward_model(inputs["input_ids"], inputs["attention_mask"], True)
+        with self.critic.forward_context():
+            return self.critic.forward_model(inputs["input_ids"], inputs["attention_mask"], True)
 
     def train(self, mode: bool) -> None:
         self.actor.train(mode)
@@ -172,7 +181,7 @@ class SharedRoles:
         self.actor = TrainingEngine(self.shared, train_args, steps, dist, None)
         self.critic = None
         reward_models = {rm_dir: SharedRewardView(self.shared)} if rm_shares_base else {}
-        separate = {s: frozen_model(load_reward_model(s), None, dist)
+        separate = {s: frozen_model(load_reward_model(s, dtype=compute_dtype(train_args), device=dist.device), None, dist)
                     for s in ppo_args.reward_model if is_model_source(s) and s not in reward_models}
         self.reward = build_reward(ppo_args.reward_model, ppo_args.reward_weights, ppo_args.reward_normalize,
                                    batch_size=train_args.per_device_eval_batch_size, settings=reward_settings,
@@ -190,17 +199,21 @@ class SharedRoles:
     def generation_model(self):
         self.shared.eval()
         self.shared.use("actor")
-        yield self.shared.peft_model
+        with self.actor.forward_context():
+            yield self.shared.peft_model
 
-    def actor_logits(self, inputs: dict) -> torch.Tensor:
-        return self.shared("actor", **inputs)
+    def actor_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
+        with self.actor.forward_context():
+            return self.shared("actor", **inputs, logits_to_keep=keep)
 
     @torch.no_grad()
-    def ref_logits(self, inputs: dict) -> torch.Tensor:
-        return self.shared("ref", **inputs)
+    def ref_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
+        with self.actor.forward_context():
+            return self.shared("ref", **inputs, logits_to_keep=keep)
 
     def values(self, inputs: dict) -> torch.Tensor:
-        return self.shared("critic", inputs["input_ids"], inputs["attention_mask"])
+        with self.actor.forward_context():
+            return self.shared("critic", inputs["input_ids"], inputs["attention_mask"])
 
     def train(self, mode: bool) -> None:
         self.actor.train(mode)

@@ -56,7 +56,7 @@ def ppo_update(roles, experience: Experience, ppo_args, temperature: float, trai
                 inputs = experience.inputs(rows)
                 mask = experience.mask[rows].float()
 
-                logits = response_logits(roles.actor_logits(inputs), width)
+                logits = response_logits(roles.actor_logits(inputs, keep=width + 1), width)
                 logprobs = token_logprobs(logits, experience.response_ids[rows], temperature)
                 pg_loss, pg_stats = policy_loss(logprobs, experience.logprobs[rows], experience.advantages[rows], mask,
                                                 ppo_args.clip_range)
