@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from rewards.model import DEFAULT_BATCH_SIZE
-from stages.common.errors import ConfigError
+from stages.common.errors import ConfigError, missing_path
 
 
 @dataclass
@@ -123,7 +123,8 @@ def check_specs(specs: list[str] | None, key: str, allow_missing: bool = False) 
             RuleSource(spec, key=key)  # raises for an unknown rule
         elif is_model_source(spec) and not Path(spec).is_dir():
             if not allow_missing:
-                raise ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an http(s) URL", key=key)
+                raise missing_path(spec, key) or ConfigError(f"{spec!r} is neither a reward model directory, rule:NAME nor an "
+                                                             "http(s) URL", key=key)
             missing.append(spec)
     return missing
 

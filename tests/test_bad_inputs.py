@@ -28,7 +28,7 @@ CASES = [  # stage, file, what the one-line message must name
     ("sft", "alpaca_history_wrong_type.jsonl", ["record 1", "field 'history'", "must be a list"]),
     ("sft", "prompt_completion_empty_completion.jsonl", ["record 1", "field 'completion'", "empty"]),
     ("sft", "text_not_string.jsonl", ["record 1", "field 'text'", "must be a string"]),
-    ("sft", "sft_prompt_too_long.jsonl", ["record 2", "field 'instruction'", "max_length is 256"]),
+    ("sft", "sft_prompt_too_long.jsonl", ["record 2", "field 'instruction'", "max_length is 256", "overlong: error"]),
     ("sft", "does_not_exist.jsonl", ["does_not_exist.jsonl", "no such file"]),
     ("rm", "pref_chosen_equals_rejected.jsonl", ["record 2", "field 'rejected'", "identical to chosen"]),
     ("rm", "pref_missing_rejected.jsonl", ["record 2", "field 'rejected'", "missing"]),
@@ -38,7 +38,7 @@ CASES = [  # stage, file, what the one-line message must name
     ("rm", "pref_sharegpt_ranking_ends_with_gpt.jsonl", ["record 1", "field 'conversations'", "user turn"]),
     ("rm", "pref_hh_no_turns.jsonl", ["record 1", "unknown format"]),
     ("rm", "pref_messages_differ_early.jsonl", ["record 1", "field 'chosen'", "final assistant turn"]),
-    ("rm", "pref_prompt_too_long.jsonl", ["record 2", "field 'prompt'", "too long"]),
+    ("rm", "pref_prompt_too_long.jsonl", ["record 2", "field 'prompt'", "max_length is 256", "overlong: error"]),
     ("ppo", "prompt_empty.jsonl", ["record 2", "field 'prompt'", "empty"]),
     ("ppo", "prompt_messages_ends_with_assistant.jsonl", ["record 1", "field 'prompt'", "user turn"]),
     ("ppo", "prompt_system_wrong_type.jsonl", ["record 1", "field 'system'", "must be a string"]),
@@ -51,6 +51,7 @@ CASES = [  # stage, file, what the one-line message must name
     ("rm", "config_missing_deepspeed_file.yaml", ["key 'deepspeed'", "zero4.json"]),
 ]
 STAGE_ARGS = {"sft": ["max_length=256"], "rm": ["max_length=256"], "ppo": ["--config", str(ROOT / "tests" / "fixtures" / "ppo_tiny.yaml")]}
+FILE_ARGS = {"sft_prompt_too_long.jsonl": ["overlong=error"], "pref_prompt_too_long.jsonl": ["overlong=error"]}  # else truncated
 GOOD_DATA = {"sft": ROOT / "tests" / "fixtures" / "alpaca_en_demo_sample.json", "rm": ROOT / "tests" / "fixtures" / "dpo_en_demo_sample.json"}
 
 
@@ -66,7 +67,7 @@ def test_bad_input_is_one_clear_line_before_training(tmp_path, tiny_model, capsy
     if name.endswith(".yaml"):  # a bad config with good data
         inputs = ["--config", str(BAD / name), f"dataset={GOOD_DATA[stage]}"]
     else:
-        inputs = [*STAGE_ARGS[stage], f"dataset={BAD / name}"]
+        inputs = [*STAGE_ARGS[stage], *FILE_ARGS.get(name, []), f"dataset={BAD / name}"]
     code = tristage([stage, *inputs, f"model_name_or_path={tiny_model}", f"output_dir={out}", "report_to=none"])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -102,3 +103,18 @@ def test_launcher_passes_the_exit_code_through(tmp_path, tiny_model):
     assert "record 2: field 'output': missing" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert list((tmp_path / "logs").glob("sft-*.log"))  # the log is tee'd into the output directory
+
+
+def test_a_missing_stage_output_names_the_stage_that_writes_it(tmp_path, capsys):
+    """launch/run_stage.sh rm before sft used to say "Repo id must be in the form 'repo_name'..." (a hub error)."""
+    missing = tmp_path / "runs" / "demo"
+    cases = [(["rm", f"model_name_or_path={missing / 'sft'}", f"dataset={GOOD_DATA['rm']}"], "model_name_or_path", "sft"),
+             (["ppo", "--config", str(ROOT / "tests" / "fixtures" / "ppo_tiny.yaml"), f"model_name_or_path={missing / 'sft'}"],
+              "model_name_or_path", "sft"),
+             (["ppo", "--config", str(ROOT / "tests" / "fixtures" / "ppo_tiny.yaml"), f"model_name_or_path={ROOT / 'tests'}",
+               f"reward_model={missing / 'rm'}", "critic_init=actor"], "reward_model", "rm")]
+    for argv, key, stage in cases:
+        assert tristage([*argv, f"output_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"key '{key}'" in err and "does not exist" in err, err
+        assert f"run launch/run_stage.sh {stage} first" in err and "Repo id" not in err, err

@@ -306,7 +306,8 @@ def test_checkpoints_save_and_restore_the_cuda_generators(tmp_path, monkeypatch)
     from stages.common.distributed import DistInfo
     from stages.common.engine import TrainingEngine
 
-    args = types.SimpleNamespace(fp16=False, bf16=False, learning_rate=0.1, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+    args = types.SimpleNamespace(fp16=False, bf16=False, optim="adamw_torch", optim_args=None, learning_rate=0.1, weight_decay=0.0,
+                                 adam_beta1=0.9, adam_beta2=0.999,
                                  adam_epsilon=1e-8, lr_scheduler_type="constant", lr_scheduler_kwargs={}, max_grad_norm=1.0,
                                  get_warmup_steps=lambda steps: 0)
     engine = TrainingEngine(torch.nn.Linear(2, 2), args, 10, DistInfo(0, 1, 0))

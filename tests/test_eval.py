@@ -145,3 +145,29 @@ def test_all_stops_at_a_failing_stage_with_its_exit_code(tmp_path, tiny_config_d
                      "rm.dataset=[/no/such/pairs.jsonl]")
     assert result.returncode == 2
     assert "rm" in result.stdout and "failed (2)" in result.stdout and not (run_dir / "ppo").exists()
+
+
+def test_a_models_own_generation_settings_reach_eval_only_when_asked(tmp_path, tiny_model):
+    import json as _json
+
+    from conftest import run_in_process
+
+    opinionated = tmp_path / "opinionated"
+    shutil.copytree(tiny_model, opinionated)
+    settings = _json.loads((opinionated / "generation_config.json").read_text())
+    settings.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
+    (opinionated / "generation_config.json").write_text(_json.dumps(settings))
+
+    def texts(*extra):
+        out = tmp_path / f"eval{len(extra)}"
+        result = run_in_process("eval", f"models=[{tiny_model},{opinionated}]", "model_names=[plain,opinionated]",
+                                "judges=[rule:keyword:e]", f"dataset={FIXTURES / 'alpaca_en_demo_sample.json'}", f"output_dir={out}",
+                                "samples_per_prompt=2", "max_new_tokens=12", "bootstrap_samples=50", *extra, config=None)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [_json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+        return [r["response"] for r in rows if r["model"] == "plain"], [r["response"] for r in rows if r["model"] == "opinionated"]
+
+    plain, opinionated_texts = texts()
+    assert plain == opinionated_texts  # the same weights sample the same: generation_config.json stayed out
+    plain, opinionated_texts = texts("use_model_generation_config=true")
+    assert plain != opinionated_texts  # asked for: the penalties apply

@@ -233,21 +233,46 @@ def test_a_nan_reward_skips_the_iteration(tmp_path, tiny_model, monkeypatch):
     assert_checkpoints_finite(out)
 
 
-def test_a_nan_loss_skips_the_update(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("which", ["policy", "value"])
+def test_a_nan_loss_skips_the_update(tmp_path, tiny_model, monkeypatch, which):
     from stages.ppo import update
 
-    real, calls = update.policy_loss, {"n": 0}
+    name = {"policy": "policy_loss", "value": "value_loss"}[which]
+    real, calls = getattr(update, name), {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
 
-    monkeypatch.setattr(update, "policy_loss", poisoned)
-    with pytest.warns(UserWarning, match="non-finite policy loss"):
+    monkeypatch.setattr(update, name, poisoned)
+    with pytest.warns(UserWarning, match=f"non-finite {which} loss"):
         out = run_in_process(tmp_path, tiny_model)
-    assert sum(m["skipped_updates"] for m in read_metrics(out)) == 1
+    metrics = read_metrics(out)
+    assert sum(m["skipped_updates"] for m in metrics) == 1
+    assert all(math.isfinite(m["value_loss"]) and math.isfinite(m["policy_loss"]) for m in metrics)
     assert_checkpoints_finite(out)
+
+
+def test_a_nan_weight_stops_the_run_on_every_rank_before_a_save(tmp_path, tiny_model, monkeypatch, capsys):
+    """The cross-rank check of stages/common/loop.py (a one-rank raise would leave the others in the next gather)."""
+    from stages.cli import main
+    from stages.ppo import train
+
+    real = train.ppo_update
+
+    def then_nan(roles, *args, **kwargs):
+        result = real(roles, *args, **kwargs)
+        with torch.no_grad():
+            next(p for p in roles.critic.module.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(train, "ppo_update", then_nan)
+    code = main(["ppo", "--config", str(TINY_PPO), f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'run'}",
+                 "save_strategy=steps", "save_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3 and "checkpoint-1 (critic)" in err and "NaN/inf" in err, err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 def test_remote_reward_server_round_trip():
@@ -290,3 +315,44 @@ def test_bad_ppo_settings_fail_before_any_model_loads(tiny_model, tmp_path, caps
     assert code == 2
     assert key in capsys.readouterr().err
     assert not (tmp_path / "bad" / "critic").exists()
+
+
+def test_rollout_logprobs_describe_the_sampler_even_when_the_model_ships_its_own_generation_settings(tmp_path, tiny_model):
+    """A checkpoint's generation_config.json (here repetition_penalty 1.3 and no_repeat_ngram_size 2) must not reach
+    PPO's sampler, and no minimum length may mask EOS at step 0: the rollout's log-probs (softmax of logits / T) equal
+    the sampler's own per-step scores at every step, the first included."""
+    import shutil
+
+    from stages.common.backbone import load_tokenizer
+    from stages.common.config import parse_config
+    from stages.common.data import build_prompt_data
+    from stages.common.distributed import DistInfo
+    from stages.ppo import experience as experience_module
+    from stages.ppo.config import ARGUMENTS
+    from stages.ppo.roles import build_roles
+
+    model_dir = tmp_path / "opinionated"
+    shutil.copytree(tiny_model, model_dir)
+    settings = json.loads((model_dir / "generation_config.json").read_text())
+    settings.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3)
+    (model_dir / "generation_config.json").write_text(json.dumps(settings))
+    model_args, data_args, backbone, ppo_args, sampling, reward_settings, train_args = parse_config(
+        ["--config", str(TINY_PPO), f"model_name_or_path={model_dir}", f"output_dir={tmp_path / 'out'}", "temperature=0.8",
+         "max_new_tokens=10"], ARGUMENTS)
+    tokenizer = load_tokenizer(model_args)
+    roles = build_roles(ppo_args, model_args, backbone, train_args, tokenizer, 4, DistInfo(0, 1, 0), None, reward_settings)
+    prompts = build_prompt_data(data_args, tokenizer, seed=0, max_prompt_length=sampling.max_prompt_length).train
+    steps = []
+    real = experience_module.generate
+    experience_module.generate = lambda *args, **kwargs: real(*args, **kwargs, scores=steps)
+    try:
+        torch.manual_seed(3)
+        experience = experience_module.make_experience(roles, tokenizer, prompts, ppo_args, sampling, 0.1, len(prompts),
+                                                       torch.device("cpu"))
+    finally:
+        experience_module.generate = real
+    sampler = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in steps], dim=1)  # (B, steps, V)
+    sampled = sampler.gather(-1, experience.response_ids[:, : sampler.shape[1], None]).squeeze(-1)
+    mask = experience.mask[:, : sampler.shape[1]].bool()
+    assert mask[:, 0].all() and mask.sum() > 3 * len(prompts)
+    assert torch.allclose(experience.logprobs[:, : sampler.shape[1]][mask], sampled[mask], atol=1e-5)

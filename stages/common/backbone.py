@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import FINETUNING_TYPES, BackboneArguments, ModelArguments
 from .data import DEFAULT_CHAT_TEMPLATE
-from .errors import ConfigError
+from .errors import ConfigError, missing_path
 
 STAGE_BACKBONES = {
     "sft": FINETUNING_TYPES,
@@ -54,6 +54,9 @@ def load_tokenizer(model_args: ModelArguments):
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if not name:
         raise ConfigError("no model given", key="model_name_or_path")
+    for path, key in ((model_args.model_name_or_path, "model_name_or_path"), (model_args.tokenizer_name_or_path, "tokenizer_name_or_path")):
+        if (error := missing_path(path, key)) is not None:
+            raise error
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -173,12 +176,13 @@ def prepare_for_training(model: nn.Module, backbone: BackboneArguments, train_ar
     import peft
 
     gradient_checkpointing = bool(getattr(train_args, "gradient_checkpointing", False))
+    # non-reentrant unless asked otherwise: it works with frozen inputs (adapters) and skips no gradients
+    kwargs = getattr(train_args, "gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
     if backbone.finetuning_type == "qlora":
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                     gradient_checkpointing_kwargs=kwargs)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if gradient_checkpointing:
         model.config.use_cache = False
     return model

@@ -14,6 +14,7 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
+    use_cpu: bool = False  # TrainingArguments' use_cpu: the CPU even where there is a GPU
 
     @property
     def is_main(self) -> bool:
@@ -21,7 +22,7 @@ class DistInfo:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() and not self.use_cpu else torch.device("cpu")
 
 
 def _free_port() -> int:
@@ -32,21 +33,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(uses_deepspeed: bool = False) -> DistInfo:
+def init_distributed(uses_deepspeed: bool = False, use_cpu: bool = False) -> DistInfo:
     """Join the process group the launcher describes. DeepSpeed needs one even for a single process;
-    without launcher variables it would go looking for MPI, so we describe a one-process group."""
+    without launcher variables it would go looking for MPI, so we describe a one-process group. ``use_cpu``:
+    stay on the CPU (DeepSpeed's CPU accelerator, gloo) where there are GPUs."""
+    if use_cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     if uses_deepspeed and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not use_cpu:
         torch.cuda.set_device(local_rank)
     if (world_size > 1 or uses_deepspeed) and not dist.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, use_cpu=use_cpu)
 
 
 def barrier() -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .distributed import DistInfo
 from .errors import ConfigError
+from .optimizers import BITSANDBYTES, build_optimizer, optimizer_name
 
 _DS_CONFIG_REFERENCE = None  # keeps transformers' zero3 switch alive while models load (it is a weakref)
 
@@ -46,6 +47,11 @@ def resolve_deepspeed_config(train_args, dist: DistInfo) -> dict | None:
             config = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{source}: broken JSON at line {err.lineno}: {err.msg}", key="deepspeed") from None
+    if "optimizer" in config and optimizer_name(train_args) != "adamw_torch":
+        raise ConfigError(f"the DeepSpeed config {source} has its own optimizer section; remove optim (or that section)", key="optim")
+    if optimizer_name(train_args) in BITSANDBYTES:
+        raise ConfigError("bitsandbytes' 8-bit and paged optimizers are for a single device (QLoRA); DeepSpeed partitions the "
+                          "optimizer states itself: use adamw_torch", key="optim")
     micro, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
     _fill_auto(config, "train_micro_batch_size_per_gpu", micro)
     _fill_auto(config, "gradient_accumulation_steps", accumulation)
@@ -81,18 +87,6 @@ def fill_model_dependent_auto(config: dict, hidden_size: int | None) -> None:
     _fill_auto(zero, "reduce_bucket_size", hidden_size * hidden_size)
     _fill_auto(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
     _fill_auto(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
-
-
-def build_optimizer(model: nn.Module, train_args) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            full_shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the unpartitioned shape here
-            (no_decay if len(full_shape) < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train_args.learning_rate,
-                             betas=(train_args.adam_beta1, train_args.adam_beta2), eps=train_args.adam_epsilon)
 
 
 def build_scheduler(optimizer, train_args, total_steps: int):

@@ -2,7 +2,9 @@
 cannot go on is one line and exit code 3 (``run_stage_main`` maps them)."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 INPUT_ERROR_EXIT_CODE = 2
@@ -37,6 +39,25 @@ class DataError(InputError):
             parts.append(f"field '{field}'")
         super().__init__(": ".join(parts) + f": {message}")
         self.file, self.record, self.field = file, record, field
+
+
+STAGE_OUTPUTS = ("sft", "rm", "ppo", "dpo")  # a path ending in one of these is, by convention, that stage's output_dir
+
+
+def looks_local(name: str) -> bool:
+    """A local path rather than a hub name: absolute, relative with ./ ../ ~, deeper than the hub's namespace/name,
+    or under a directory that exists here."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "./", "../", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def missing_path(name: str | None, key: str) -> ConfigError | None:
+    """A ConfigError for a local-looking path that does not exist, naming the stage that writes it; None otherwise."""
+    if not name or not looks_local(name) or os.path.exists(os.path.expanduser(name)):
+        return None
+    stage = Path(name.rstrip("/")).name
+    hint = f"it is the {stage} stage's output: run launch/run_stage.sh {stage} first" if stage in STAGE_OUTPUTS else "check the path"
+    return ConfigError(f"{name!r} does not exist ({hint})", key=key)
 
 
 RUN_ERROR_EXIT_CODE = 3

@@ -7,6 +7,7 @@ as the same text unpadded. The logit that predicts response token j sits at colu
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -83,33 +84,59 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def generation_config(sampling: SamplingArguments, tokenizer, greedy: bool = False):
-    """Explicit settings, so nothing comes from a model's own generation_config (whose top_k is often 50)."""
+    """Exactly our settings. Sampling from logits / T (with top_k, top_p when set) and nothing else: no minimum length
+    (an EOS as the first token is an empty response, not a masked-out choice the log-probs would not know about), and,
+    with ``generate``, none of a model's own generation_config.json (repetition penalties, n-gram blocking, min_p,
+    suppressed tokens: a sampler the log-probs do not describe)."""
     from transformers import GenerationConfig
 
     sample = not greedy and sampling.temperature > 0
     return GenerationConfig(
         do_sample=sample, temperature=sampling.temperature if sample else 1.0, top_p=sampling.top_p if sample else 1.0,
-        top_k=sampling.top_k if sample else 0, max_new_tokens=sampling.max_new_tokens, min_new_tokens=1,
+        top_k=sampling.top_k if sample else 0, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, min_length=0,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
 
 
+@contextmanager
+def model_defaults_off(model):
+    """transformers fills every generation setting we leave unset from the model's generation_config (Qwen2.5-Instruct's
+    says repetition_penalty 1.05, top_k 20, top_p 0.8): inside this block the model has the library's neutral one."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft generates through its base
+    own = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = own
+
+
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config) -> torch.Tensor:
-    """Batched sampling with the KV cache; returns the response tokens (B, R), padded after EOS."""
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config, model_defaults: bool = False,
+             scores: list | None = None) -> torch.Tensor:
+    """Batched sampling with the KV cache; returns the response tokens (B, R), padded after EOS. ``model_defaults``:
+    let the model's generation_config fill what ``config`` leaves unset. ``scores``: append the sampler's processed
+    logits of every step (B, V) to this list."""
+    extra = {"output_scores": True, "return_dict_in_generate": True} if scores is not None else {}
+    with nullcontext() if model_defaults else model_defaults_off(model):
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **extra)
+    if scores is not None:
+        scores.extend(out.scores)
+        out = out.sequences
     response = out[:, prompt_ids.shape[1]:]
-    if response.shape[1] == 0:  # cannot happen with min_new_tokens=1, but keep shapes valid
+    if response.shape[1] == 0:  # generate always returns a token (EOS at least); keep shapes valid all the same
         response = torch.full((len(prompt_ids), 1), config.eos_token_id, dtype=torch.long, device=prompt_ids.device)
     return response
 
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[dict], sampling: SamplingArguments, samples_per_prompt: int,
-                     batch_size: int, seed: int) -> dict:
+                     batch_size: int, seed: int, model_defaults: bool = False) -> dict:
     """Every prompt x ``samples_per_prompt``, ``batch_size`` rows at a time; batch b is sampled after seeding with
     a seed derived from (seed, b), so every model sees the same random numbers (identical models give identical
-    responses). ``prompts`` are rows with ``prompt_ids``."""
+    responses). ``prompts`` are rows with ``prompt_ids``; ``model_defaults``: see ``generate``."""
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     config = generation_config(sampling, tokenizer, greedy=sampling.temperature <= 0)
     device = next(model.parameters()).device
@@ -118,7 +145,7 @@ def sample_responses(model, tokenizer, prompts: list[dict], sampling: SamplingAr
         batch = rows[start : start + batch_size]
         ids, mask = left_pad([r["prompt_ids"] for r in batch], tokenizer.pad_token_id)
         torch.manual_seed(derive_seed(seed, EVAL_BATCH, b))
-        response = generate(model, ids.to(device), mask.to(device), config).cpu()
+        response = generate(model, ids.to(device), mask.to(device), config, model_defaults=model_defaults).cpu()
         responses.append(response)
         masks.append(response_mask(response, tokenizer.eos_token_id))
         prompt_batches.append((ids, mask))

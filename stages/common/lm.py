@@ -12,11 +12,13 @@ def align_logits(logits: torch.Tensor, length: int) -> torch.Tensor:
     return logits[:, -length:] if logits.shape[1] > length else logits
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood over the positions whose label is not IGNORE_INDEX."""
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed next-token negative log-likelihood over the positions whose label is not IGNORE_INDEX; with
+    ``label_smoothing`` e, the target puts 1 - e on the label and e spread over the vocabulary (as HF's LabelSmoother)."""
     logits = align_logits(logits, labels.shape[1])[:, :-1].float()
     targets = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
 
 
 def count_label_tokens(labels: torch.Tensor) -> float:
@@ -24,7 +26,11 @@ def count_label_tokens(labels: torch.Tensor) -> float:
 
 
 class CausalLMObjective:
-    """SFT: mean next-token loss over response tokens (labels are IGNORE_INDEX elsewhere)."""
+    """SFT: mean next-token loss over response tokens (labels are IGNORE_INDEX elsewhere). ``label_smoothing`` applies
+    while training; eval loss and perplexity stay the plain likelihood."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
 
     def count(self, batch: dict) -> float:
         return count_label_tokens(batch["labels"])
@@ -35,4 +41,5 @@ class CausalLMObjective:
         # use_cache=False matters beyond memory: with a cache transformers skips the packed-sequence check
         # and packed examples would attend to each other.
         logits = model(**inputs, use_cache=False).logits
-        return token_nll_sum(logits, batch["labels"].to(device)), {}
+        smoothing = self.label_smoothing if model.training else 0.0
+        return token_nll_sum(logits, batch["labels"].to(device), smoothing), {}

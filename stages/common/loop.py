@@ -55,6 +55,12 @@ def steps_per_epoch(num_rows: int, train_args, dist: DistInfo) -> int:
     return steps
 
 
+def check_eval_plan(train_args, eval_rows: list) -> None:
+    """Before any model loads: what needs held-out data has it."""
+    if train_args.load_best_model_at_end and not eval_rows:
+        raise ConfigError("needs held-out data to pick the best checkpoint: set eval_dataset or val_size", key="load_best_model_at_end")
+
+
 def total_steps(num_rows: int, train_args, dist: DistInfo) -> int:
     if train_args.max_steps and train_args.max_steps > 0:
         return train_args.max_steps
@@ -75,9 +81,18 @@ def find_checkpoint(train_args) -> Path | None:
     return path
 
 
-def atomic_checkpoint(output_dir: str, step: int, state: dict, keep: int | None, write: Callable[[Path], None]) -> Path:
+def refuse_model_only(checkpoint: Path) -> None:
+    """A save_only_model checkpoint has the weights but not the optimizer and scheduler a resume needs."""
+    if json.loads((checkpoint / TRAINER_STATE).read_text()).get("model_only"):
+        raise ConfigError(f"{checkpoint} was saved with save_only_model: it has the model but not the optimizer and scheduler "
+                          "states a resume needs (start a new run from it with model_name_or_path)", key="resume_from_checkpoint")
+
+
+def atomic_checkpoint(output_dir: str, step: int, state: dict, keep: int | None, write: Callable[[Path], None],
+                      protect: Path | None = None) -> Path:
     """``write(directory)`` runs on every rank into a temporary directory that is renamed when complete, so
-    a crash never leaves a half checkpoint that resume would pick up. Keeps the newest ``keep``."""
+    a crash never leaves a half checkpoint that resume would pick up. Keeps the newest ``keep`` (and ``protect``,
+    the best one of load_best_model_at_end)."""
     from .distributed import is_main_process
 
     final = Path(output_dir) / f"checkpoint-{step}"
@@ -104,7 +119,8 @@ def atomic_checkpoint(output_dir: str, step: int, state: dict, keep: int | None,
         if keep:
             done = sorted(Path(output_dir).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
             for old in done[:-keep]:
-                shutil.rmtree(old)
+                if protect is None or old.resolve() != Path(protect).resolve():
+                    shutil.rmtree(old)
     barrier()
     return final
 
@@ -132,9 +148,30 @@ def check_finite_weights(module: torch.nn.Module, what: str) -> None:
         raise RunError(f"{what}: the weights hold NaN/inf; refusing to save them (the last checkpoint is intact)")
 
 
-def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None) -> Path:
+def save_checkpoint(engine: TrainingEngine, output_dir: str, step: int, state: dict, keep: int | None, model_only: bool = False,
+                    protect: Path | None = None) -> Path:
+    """The engine's whole state (for resume), or with ``model_only`` (save_only_model) just the weights as save_model writes them."""
     check_finite_weights(engine.module, f"checkpoint-{step}")
-    return atomic_checkpoint(output_dir, step, state, keep, lambda directory: engine.save_checkpoint(directory, client_state=state))
+    if model_only:
+        state = {**state, "model_only": True}
+        return atomic_checkpoint(output_dir, step, state, keep, lambda directory: write_weights(engine, directory), protect)
+    return atomic_checkpoint(output_dir, step, state, keep, lambda directory: engine.save_checkpoint(directory, client_state=state),
+                             protect)
+
+
+class BestCheckpoint:
+    """load_best_model_at_end: the checkpoint whose eval metric (metric_for_best_model, default loss) was best."""
+
+    def __init__(self, train_args):
+        name = train_args.metric_for_best_model or "loss"
+        self.key = name if name.startswith("eval_") else f"eval_{name}"
+        self.greater = train_args.greater_is_better if train_args.greater_is_better is not None else not self.key.endswith("loss")
+        self.path, self.value = None, None
+
+    def consider(self, path: Path, metrics: dict) -> None:
+        value = metrics[self.key]
+        if self.value is None or (value > self.value if self.greater else value < self.value):
+            self.path, self.value = path, value
 
 
 def lockstep_batches(rows: list[dict], collate: Callable, micro_batch: int, dist: DistInfo):
@@ -174,8 +211,13 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
     windows = steps_per_epoch(len(rows), train_args, dist)
     step = 0
     checkpoint = find_checkpoint(train_args)
+    best = BestCheckpoint(train_args) if train_args.load_best_model_at_end else None
     if checkpoint is not None:
-        step = int(engine.load_checkpoint(checkpoint)["global_step"])
+        refuse_model_only(checkpoint)
+        resumed = engine.load_checkpoint(checkpoint)
+        step = int(resumed["global_step"])
+        if best is not None and resumed.get("best"):
+            best.path, best.value = Path(resumed["best"]["path"]), resumed["best"]["value"]
         tracker.message(f"resumed from {checkpoint} at step {step}")
     eval_every = train_args.eval_steps or train_args.logging_steps
     do_eval = bool(eval_rows) and _strategy(train_args.eval_strategy) == "steps"
@@ -216,7 +258,8 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
             overflow = engine.overflowed  # fp16's loss scaler skipped the step and lowered its scale: expected, not a NaN
             nonfinite.update(window_bad or ((grad_norm is None or not math.isfinite(grad_norm)) and not overflow), step)
             tracker.advance_to(step, f"loss {window_loss / max(window_count, 1):.4f}")
-            if step % train_args.logging_steps == 0 or step == steps:
+            log_now, eval_now = step % train_args.logging_steps == 0 or step == steps, do_eval and (step % eval_every == 0 or step == steps)
+            if log_now:
                 keys = sorted(window_extra)
                 sums = all_reduce_sum([window_loss, window_count, float(window_tokens)] + [window_extra[k] for k in keys])
                 elapsed = time.time() - window_time
@@ -226,17 +269,33 @@ def fit(engine: TrainingEngine, rows: list[dict], eval_rows: list[dict], collate
                 if grad_norm is not None:
                     last["grad_norm"] = grad_norm
                 last["skipped_steps"] = nonfinite.total
-                if do_eval and (step % eval_every == 0 or step == steps):
-                    last.update(eval_metrics())
-                tracker.log(step, last)
                 window_loss, window_count, window_extra, window_tokens, window_time = 0.0, 0.0, {}, 0, time.time()
+            if eval_now:  # on its own schedule: eval_steps need not be a multiple of logging_steps
+                last.update(eval_metrics())
+            if log_now or eval_now:
+                tracker.log(step, last)
             if _strategy(train_args.save_strategy) == "steps" and step % train_args.save_steps == 0 and step < steps:
-                save_checkpoint(engine, train_args.output_dir, step, {"global_step": step, "metrics": last}, train_args.save_total_limit)
+                path = Path(train_args.output_dir) / f"checkpoint-{step}"
+                if best is not None:  # (save_steps is a multiple of eval_steps: transformers checks it)
+                    best.consider(path, last)
+                state = {"global_step": step, "metrics": last,
+                         "best": {"path": str(best.path), "value": best.value} if best is not None else None}
+                save_checkpoint(engine, train_args.output_dir, step, state, train_args.save_total_limit, train_args.save_only_model,
+                                best.path if best is not None else None)
             if step >= steps:
                 break
     if eval_rows and "eval_loss" not in last:
         last.update(eval_metrics())
         tracker.log(step, last)
+    if best is not None:  # the end is a candidate too: the best of the checkpoints and the final weights
+        final = last[best.key]
+        final_is_best = best.path is None or (final > best.value if best.greater else final < best.value)
+        if not final_is_best:
+            engine.load_checkpoint(best.path)
+            tracker.message(f"loaded the best checkpoint {best.path} ({best.key} {best.value:.4g})")
+            last = {**last, "best_model_checkpoint": str(best.path), "best_metric": best.value}
+        else:
+            last = {**last, "best_model_checkpoint": None, "best_metric": last[best.key]}
     return {"global_step": step, **last}
 
 
@@ -244,15 +303,21 @@ def save_model(engine: TrainingEngine, tokenizer, output_dir: str, final_state: 
     """What the HF ecosystem loads: save_pretrained of the full model or of the peft adapter, the tokenizer,
     and trainer_state.json (whose presence marks a finished run). Under ZeRO-3 the shards are gathered."""
     check_finite_weights(engine.module, "the final model")
+    write_weights(engine, Path(output_dir))
+    if engine.dist.is_main:
+        tokenizer.save_pretrained(output_dir)
+        (Path(output_dir) / TRAINER_STATE).write_text(json.dumps(final_state, indent=2))
+    barrier()
+
+
+def write_weights(engine: TrainingEngine, directory: Path) -> None:
+    """save_pretrained of the full model or of the peft adapter (gathered from the ZeRO-3 shards; every rank calls it)."""
     state_dict = engine.consolidated_state_dict() if engine.zero_stage == 3 else None
     if engine.dist.is_main:
-        out = Path(output_dir)
         if state_dict is not None:
-            engine.module.save_pretrained(out, state_dict=state_dict)
+            engine.module.save_pretrained(directory, state_dict=state_dict)
         else:
-            engine.module.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / TRAINER_STATE).write_text(json.dumps(final_state, indent=2))
+            engine.module.save_pretrained(directory)
     barrier()
 
 

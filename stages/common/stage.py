@@ -10,6 +10,7 @@ from transformers import set_seed
 from .backbone import check_backbone_args, load_tokenizer
 from .distributed import DistInfo, init_distributed
 from .errors import ConfigError
+from .loop import find_checkpoint, refuse_model_only
 
 
 def start_stage(stage: str, model_args, backbone_args, train_args, packing: bool = False) -> tuple[DistInfo, object]:
@@ -20,6 +21,9 @@ def start_stage(stage: str, model_args, backbone_args, train_args, packing: bool
         raise ConfigError(f"{processes} processes were started, but without a DeepSpeed config a stage trains in one process: "
                           "set deepspeed (configs/deepspeed/zero2.json or zero3.json), or start one process (NPROC=1)",
                           key="deepspeed")
-    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run)
+    checkpoint = find_checkpoint(train_args)  # a checkpoint it cannot resume from fails now, not after loading
+    if checkpoint is not None:
+        refuse_model_only(checkpoint)
+    dist = init_distributed(uses_deepspeed=bool(train_args.deepspeed) and not train_args.dry_run, use_cpu=train_args.use_cpu)
     set_seed(train_args.seed)
     return dist, load_tokenizer(model_args)

@@ -62,7 +62,7 @@ def sample_models(eval_args, names: list[str], tokenizer, prompts: list[dict], s
         model = reference if is_reference else load_policy(path, dtype=dtype, device=device).eval()
         print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path})", flush=True)
         samples[name] = sample_responses(model, tokenizer, prompts, sampling, eval_args.samples_per_prompt, eval_args.batch_size,
-                                         eval_args.seed)
+                                         eval_args.seed, model_defaults=eval_args.use_model_generation_config)
         own = sequence_logprobs(model, samples[name]["batches"], sampling.temperature)
         ref = own if is_reference else sequence_logprobs(reference, samples[name]["batches"], sampling.temperature)
         samples[name]["kl"] = [a - b for a, b in zip(own, ref)]  # E_model[log model - log ref] = KL(model || ref)

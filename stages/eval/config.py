@@ -28,6 +28,10 @@ class EvalArguments:
     samples_per_prompt: int = field(default=4, metadata={"help": "Responses per prompt and model (paired across models by index)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per generate call and per log-prob pass."})
     seed: int = 0
+    use_model_generation_config: bool = field(default=False, metadata={
+        "help": "Let each model's generation_config.json fill what the sampling keys do not set (repetition penalty, n-gram "
+                "blocking, min_p, ...). Off: exactly the sampling keys, the same for every model. KL to the reference still "
+                "uses logits / temperature."})
     device: str = field(default="auto", metadata={"help": "auto (this machine's GPU if it has one, else the CPU), cpu, cuda or cuda:N."})
     dtype: str = field(default="auto", metadata={
         "help": "The models' and judges' weights: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16."})

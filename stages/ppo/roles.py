@@ -222,7 +222,7 @@ class SharedRoles:
         self.actor.backward(loss)
 
     def backward_critic(self, loss: torch.Tensor) -> None:
-        self.actor.backward(self.vf_coef * loss)  # right after the critic forward: adapters still set for it
+        self.actor.backward(self.vf_coef * loss)  # one optimizer trains both: the value loss is weighed
 
     def optimizer_step(self) -> dict[str, float]:
         norm = self.actor.optimizer_step()

@@ -23,7 +23,8 @@ from stages.common.data import build_prompt_data, build_sft_data
 from stages.common.distributed import all_reduce_sum, barrier
 from stages.common.engine import resolve_deepspeed_config
 from stages.common.errors import ConfigError
-from stages.common.loop import TRAINER_STATE, NonFiniteStreak, atomic_checkpoint, find_checkpoint
+from stages.common.loop import (TRAINER_STATE, NonFiniteStreak, atomic_checkpoint, check_finite_weights, find_checkpoint,
+                                refuse_model_only)
 from stages.common.plots import plot_curves
 from stages.common.seeds import PROMPT_ORDER, derive_seed
 from stages.common.stage import start_stage
@@ -71,19 +72,17 @@ def kl_controller(ppo_args):
     return FixedKLController(ppo_args.init_kl_coef)
 
 
-def assert_finite_weights(roles) -> None:
-    """No checkpoint may hold a NaN: the skip logic should make this impossible, and this makes sure."""
+def check_finite_roles(roles, what: str) -> None:
+    """No checkpoint or model with a NaN/inf weight is written; every rank checks its shards and all agree, so no
+    rank waits in a gather that another rank never reaches."""
     for name, engine in roles.engines.items():
-        for param in engine.module.parameters():
-            local = param.ds_tensor if hasattr(param, "ds_tensor") else param
-            if param.requires_grad and not torch.isfinite(local).all():
-                raise RuntimeError(f"PPO: the {name} has non-finite weights; refusing to save them")
+        check_finite_weights(engine.module, f"{what} ({name})")
 
 
 def save_models(roles, tokenizer, output_dir: Path, ema: ActorEMA | None, dist) -> None:
     """Actor (full model or adapter stack), critic under critic/, EMA actor under ema/; gathered from
     ZeRO-3 shards, so one process loads them."""
-    assert_finite_weights(roles)
+    check_finite_roles(roles, str(output_dir))
     actor_state = roles.actor.consolidated_state_dict() if roles.actor.zero_stage == 3 else None
     critic_state = roles.critic.consolidated_state_dict() if roles.critic is not None and roles.critic.zero_stage == 3 else None
     if dist.is_main:
@@ -103,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     not_trained_yet = ppo_args.validate(backbone_args, sampling, train_args)
     dist, tokenizer = start_stage("ppo", model_args, backbone_args, train_args)
     per_rank = check_batch_sizes(ppo_args, train_args, dist.world_size)
-    prompts = build_prompt_data(data_args, tokenizer, seed=train_args.seed, max_prompt_length=sampling.max_prompt_length).train
+    prompt_data = build_prompt_data(data_args, tokenizer, seed=train_args.seed, max_prompt_length=sampling.max_prompt_length)
+    prompts = prompt_data.train
     ptx_rows = []
     if ppo_args.ptx_coef > 0:
         ptx_rows = build_sft_data(dataclasses.replace(data_args, dataset=ppo_args.ptx_dataset, eval_dataset=None, val_size=0.0),
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.is_main:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, sampling, reward_settings,
                              train_args)
+        prompt_data.save_report(train_args.output_dir)
 
     roles = build_roles(ppo_args, model_args, backbone_args, train_args, tokenizer, optimizer_steps, dist, ds_config, reward_settings)
     trainable, total = parameter_counts(roles.actor.module)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     output_dir = Path(train_args.output_dir)
     tracker = RunTracker(str(output_dir), train_args.report_to if dist.is_main else [], iterations, enabled=dist.is_main,
-                         title="ppo", columns=TABLE_COLUMNS)
+                         title="ppo", columns=TABLE_COLUMNS, settings=train_args)
     tracker.message(
         f"ppo: {backbone_args.finetuning_type}{' shared backbone' if ppo_args.shared_backbone else ''}, actor trains {trainable:,} "
         f"of {total:,} parameters, {roles.models_in_memory} model(s) in memory, {len(prompts)} prompts, {iterations} iterations "
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_iteration = 0
     checkpoint = find_checkpoint(train_args)
     if checkpoint is not None:
+        refuse_model_only(checkpoint)
         state = {}
         for name, engine in roles.engines.items():
             state = engine.load_checkpoint(checkpoint / name) or state
@@ -189,15 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
             tracker.log(iteration + 1, metrics)
 
         if train_args.save_strategy != "no" and (iteration + 1) % train_args.save_steps == 0 and iteration + 1 < iterations:
-            assert_finite_weights(roles)
+            check_finite_roles(roles, f"checkpoint-{iteration + 1}")
             state = {"iteration": iteration + 1, "global_step": iteration + 1, "metrics": metrics,
                      "kl_controller": kl_ctl.state_dict() if hasattr(kl_ctl, "state_dict") else None}
 
+            if train_args.save_only_model:  # the models only: no engine states, so no resume from it
+                state["model_only"] = True
+
             def write(directory: Path) -> None:
-                for name, engine in roles.engines.items():
-                    engine.save_checkpoint(directory / name, client_state=state)
-                if ema is not None:
-                    torch.save(ema.state_dict(), directory / f"ema_rank{dist.rank}.pt")
+                if not train_args.save_only_model:
+                    for name, engine in roles.engines.items():
+                        engine.save_checkpoint(directory / name, client_state=state)
+                    if ema is not None:
+                        torch.save(ema.state_dict(), directory / f"ema_rank{dist.rank}.pt")
                 save_models(roles, tokenizer, directory / "model", None, dist)  # loadable by one process
 
             atomic_checkpoint(str(output_dir), iteration + 1, state, train_args.save_total_limit, write)

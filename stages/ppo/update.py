@@ -66,17 +66,20 @@ def ppo_update(roles, experience: Experience, ppo_args, temperature: float, trai
                     ptx_loss = ptx.loss(roles.actor_logits, n, mask.device)
                     actor_loss = actor_loss + ppo_args.ptx_coef * ptx_loss
                     pg_stats["ptx_loss"] = ptx_loss.item()
-                if any_rank(not torch.isfinite(actor_loss)):
-                    warnings.warn(f"PPO: non-finite policy loss at iteration {iteration}; this update is skipped", stacklevel=2)
+                values = response_logits(roles.values(inputs), width)
+                clip_value = ppo_args.clip_range_value if ppo_args.clip_range_value > 0 else None
+                vf_loss, vf_stats = value_loss(values, experience.values[rows], experience.returns[rows], mask, clip_value)
+                # Both losses are checked before either backward: DeepSpeed counts micro-steps, so a skip must replace
+                # the whole micro-batch on every engine (and every rank must agree).
+                bad = [name for name, loss in (("policy", actor_loss), ("value", vf_loss)) if not torch.isfinite(loss)]
+                if any_rank(bool(bad)):
+                    warnings.warn(f"PPO: non-finite {' and '.join(bad) or 'loss on another rank'} loss at iteration {iteration}; "
+                                  "this update is skipped", stacklevel=2)
                     for engine in roles.engines.values():
                         engine.skip_backward()
                     skipped += 1
                     continue
                 roles.backward_actor(actor_loss / accumulation)
-
-                values = response_logits(roles.values(inputs), width)
-                clip_value = ppo_args.clip_range_value if ppo_args.clip_range_value > 0 else None
-                vf_loss, vf_stats = value_loss(values, experience.values[rows], experience.returns[rows], mask, clip_value)
                 roles.backward_critic(vf_loss / accumulation)
 
                 for key, value in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), **pg_stats, **vf_stats}.items():

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments
+from typing import ClassVar
+
+from stages.common.config import (EVAL_TRAINER_KEYS, HONORED_TRAINER_KEYS, BackboneArguments, DataArguments, ModelArguments,
+                                  TrainArguments)
 
 
 @dataclass
@@ -14,4 +17,10 @@ class RewardArguments:
     use_margin: bool = field(default=True, metadata={"help": "Use each pair's margin field in -log sigmoid(r+ - r- - margin)."})
 
 
-ARGUMENTS = (ModelArguments, DataArguments, BackboneArguments, RewardArguments, TrainArguments)
+@dataclass
+class RMTrainArguments(TrainArguments):
+    honored: ClassVar[frozenset[str]] = HONORED_TRAINER_KEYS | EVAL_TRAINER_KEYS
+    eval_metrics: ClassVar[tuple[str, ...]] = ("loss", "accuracy", "reward_gap")
+
+
+ARGUMENTS = (ModelArguments, DataArguments, BackboneArguments, RewardArguments, RMTrainArguments)

@@ -23,7 +23,7 @@ from stages.common.data import build_preference_data, collate_preferences
 from stages.common.distributed import all_reduce_sum
 from stages.common.dryrun import model_skeleton, report
 from stages.common.engine import TrainingEngine, resolve_deepspeed_config
-from stages.common.loop import fit, lockstep_batches, save_model, total_steps, write_weight_digest
+from stages.common.loop import check_eval_plan, fit, lockstep_batches, save_model, total_steps, write_weight_digest
 from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist, tokenizer = start_stage("rm", model_args, backbone_args, train_args)
     data = build_preference_data(data_args, tokenizer, seed=train_args.seed)
     steps = total_steps(len(data.train), train_args, dist)
+    check_eval_plan(train_args, data.eval)
     if train_args.dry_run:
         model = model_skeleton(AutoModelForSequenceClassification, model_args, backbone_args, train_args, task_type="SEQ_CLS",
                                head_modules=SCORE_HEAD, num_labels=1)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, reward_args, train_args)
+        data.save_report(train_args.output_dir)
 
     model = load_pretrained(AutoModelForSequenceClassification, model_args, backbone_args, train_args, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # so the saved model also pools right in plain transformers
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainable, total = parameter_counts(model)
     engine = TrainingEngine(RewardModel(model), train_args, steps, dist, ds_config)
 
-    tracker = RunTracker(train_args.output_dir, train_args.report_to if dist.is_main else [], steps, enabled=dist.is_main, title="rm")
+    tracker = RunTracker(train_args.output_dir, train_args.report_to if dist.is_main else [], steps, enabled=dist.is_main, title="rm",
+                         settings=train_args)
     tracker.message(
         f"rm: {backbone_args.finetuning_type}, trainable {trainable:,} of {total:,} parameters, {len(data.train)} train pairs, "
         f"{len(data.eval)} eval pairs, {steps} steps, {dist.world_size} process(es), "

@@ -11,18 +11,20 @@ number (1-based) and the field, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..errors import DataError
 from .collate import collate_preferences, collate_sft, pad_rows, right_pad
 from .formats import (FORMATS, PreferenceExample, PromptExample, RecordFormat, SFTExample, as_prompt, detect_format,
                       register_format, with_system)
 from .sources import LOCAL_EXTENSIONS, load_source_examples, mix_sources, parse_records, read_local_records, read_records, split_eval
-from .tokenize import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, pack_rows, render_chat, render_exchange, tokenize_examples,
-                       tokenize_for_reward, tokenize_prompt_example, tokenize_sft_example)
+from .tokenize import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, OVERLONG_MODES, Budget, TokenizeReport, pack_rows, render_chat,
+                       render_exchange, tokenize_examples, tokenize_for_reward, tokenize_prompt_example, tokenize_sft_example)
 
 __all__ = [  # what the stages use; the submodules hold the rest
-    "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "LOCAL_EXTENSIONS", "PreferenceExample", "PromptExample", "RecordFormat",
+    "Budget", "OVERLONG_MODES", "TokenizeReport", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "LOCAL_EXTENSIONS", "PreferenceExample", "PromptExample", "RecordFormat",
     "SFTExample", "StageData", "as_prompt", "build_preference_data", "build_prompt_data", "build_sft_data", "build_stage_data",
     "collate_preferences", "collate_sft", "detect_format", "load_source_examples", "mix_sources", "pack_rows", "pad_rows",
     "parse_records", "read_local_records", "read_records", "register_format", "render_chat", "render_exchange", "right_pad",
@@ -34,6 +36,12 @@ __all__ = [  # what the stages use; the submodules hold the rest
 class StageData:
     train: list[dict]
     eval: list[dict] = field(default_factory=list)
+    reports: dict[str, TokenizeReport] = field(default_factory=dict)  # "train", "eval": what tokenizing did
+
+    def save_report(self, output_dir: str, name: str = "data_stats.json") -> None:
+        """How many examples each split had, and how many were truncated, dropped or skipped."""
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / name).write_text(json.dumps({k: asdict(v) for k, v in self.reports.items()}, indent=2))
 
 
 def build_stage_data(data_args, tokenizer, seed: int, kind: str) -> StageData:
@@ -49,11 +57,15 @@ def build_stage_data(data_args, tokenizer, seed: int, kind: str) -> StageData:
         examples, eval_examples = split_eval(examples, data_args.val_size, seed)
     if data_args.max_samples:
         examples = examples[: data_args.max_samples]
-    train = tokenize_examples(examples, tokenizer, data_args.max_length, data_args.skip_invalid, kind)
-    evaluation = tokenize_examples(eval_examples, tokenizer, data_args.max_length, data_args.skip_invalid, kind)
+    budget = Budget(data_args.max_length, data_args.overlong, data_args.overlong_response_share)
+    train, train_report = tokenize_examples(examples, tokenizer, budget, data_args.skip_invalid, kind)
+    evaluation, eval_report = tokenize_examples(eval_examples, tokenizer, budget, data_args.skip_invalid, kind)
+    if not train:
+        raise DataError(", ".join(data_args.dataset), f"no example is left to train on ({train_report.dropped} dropped as longer than "
+                                                     f"max_length={data_args.max_length}, overlong: {data_args.overlong})")
     if data_args.packing and kind == "sft":
         train = pack_rows(train, data_args.max_length)
-    return StageData(train=train, eval=evaluation)
+    return StageData(train=train, eval=evaluation, reports={"train": train_report, "eval": eval_report})
 
 
 def build_sft_data(data_args, tokenizer, seed: int) -> StageData:
@@ -61,7 +73,7 @@ def build_sft_data(data_args, tokenizer, seed: int) -> StageData:
 
 
 def build_prompt_data(data_args, tokenizer, seed: int, max_prompt_length: int) -> StageData:
-    """Prompts from any registry format, left-truncated to max_prompt_length tokens."""
+    """Prompts from any registry format, within max_prompt_length tokens (longer ones as ``overlong`` says)."""
     data_args = dataclasses.replace(data_args, max_length=max_prompt_length, packing=False)
     return build_stage_data(data_args, tokenizer, seed, "prompt")
 

@@ -47,7 +47,10 @@ def read_local_records(path: str) -> list[Any]:
         raise DataError(path, "is empty")
     if suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # "\n" (and "\r\n") only: str.splitlines would also break at U+2028, U+2029 and U+0085, which JSON strings may
+        # hold unescaped (our own exports write them raw)
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
