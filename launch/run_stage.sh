@@ -10,10 +10,10 @@
 #   GPUs + a DeepSpeed config (deepspeed=...)  one node: the `deepspeed` launcher; with HOSTFILE: `deepspeed
 #                                              --hostfile` (it starts the other nodes over ssh); NNODES > 1 without
 #                                              HOSTFILE: `torchrun` on each node (no ssh: Slurm, Kubernetes)
-#   several processes (NPROC > 1) or nodes     torchrun (gloo on CPU); without DeepSpeed a stage runs one process
+#   GPUs without one, or CPU with NPROC > 1    torchrun (gloo on CPU): data parallel, every process holds the model
 #   otherwise                                  one plain process
 # Environment: NUM_GPUS (GPUs per node; default: the entries of CUDA_VISIBLE_DEVICES, else what nvidia-smi lists),
-# NPROC (processes per node; default NUM_GPUS with a DeepSpeed config, else 1), NNODES and NODE_RANK (default
+# NPROC (processes per node; default NUM_GPUS, or 1 without GPUs), NNODES and NODE_RANK (default
 # SLURM_NNODES / SLURM_NODEID under Slurm, else 1 and 0), MASTER_ADDR (default the first host of SLURM_JOB_NODELIST,
 # else 127.0.0.1), MASTER_PORT (29500), HOSTFILE, DEMO_DIR (runs/demo); --estimate also GPU_MEMORY_GIB.
 # CUDA_VISIBLE_DEVICES limits the GPUs, as for any CUDA program (passed to deepspeed as --include localhost:<ids>).
@@ -102,8 +102,8 @@ if [ -z "${MASTER_ADDR:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v s
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-# One process per GPU with DeepSpeed; without it a stage runs one process (several need a DeepSpeed config).
-if [ "$NUM_GPUS" -gt 0 ] && [ -n "$DS_CONFIG" ]; then NPROC="${NPROC:-$NUM_GPUS}"; else NPROC="${NPROC:-1}"; fi
+# One process per GPU: under DeepSpeed, or data parallel without it (every GPU holds the model; gradients are averaged).
+if [ "$NUM_GPUS" -gt 0 ]; then NPROC="${NPROC:-$NUM_GPUS}"; else NPROC="${NPROC:-1}"; fi
 if [ "$STAGE" = "eval" ] || [ "$DRY_RUN" = 1 ]; then NPROC=1; NNODES=1; NUM_GPUS=0; fi  # one plain process
 
 TORCHRUN=(torchrun --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"

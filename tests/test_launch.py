@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_SFT, run_in_process
+from conftest import ROOT, TINY_SFT
 
 ZERO3 = "deepspeed=configs/deepspeed/zero3.json"
 CLEAN = ("NUM_GPUS", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE", "CUDA_VISIBLE_DEVICES",
@@ -60,9 +60,12 @@ def test_cuda_visible_devices_is_counted_and_passed_on(fake_tools):
     assert command(ZERO3, env={"CUDA_VISIBLE_DEVICES": ""}, path=fake_tools) == f"{sys.executable} -m stages.cli sft"  # no GPU
 
 
-def test_without_deepspeed_a_gpu_node_runs_one_process(fake_tools):
-    """A QLoRA recipe (no DeepSpeed config) on an 8-GPU node: one process, not 8 that each load the model and fail."""
-    assert command(env={}, path=fake_tools) == f"{sys.executable} -m stages.cli sft"
+def test_without_deepspeed_a_gpu_node_runs_data_parallel(fake_tools):
+    """A QLoRA recipe (no DeepSpeed config) on an 8-GPU node: 8 processes, each with the whole (4-bit) model on its GPU,
+    averaging their gradients (tests/test_data_parallel.py shows it equals one process on the same batch)."""
+    assert command(env={}, path=fake_tools) == (
+        "torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr 127.0.0.1 --master_port 29500 -m stages.cli sft")
+    assert command(env={"NPROC": "1"}, path=fake_tools) == f"{sys.executable} -m stages.cli sft"
 
 
 def test_several_nodes_without_ssh_run_torchrun_on_each_node(fake_tools):
@@ -82,10 +85,3 @@ def test_a_hostfile_gets_the_deepspeed_launcher_over_ssh(fake_tools):
     assert command(ZERO3, env=env, path=fake_tools) == (
         "deepspeed --no_local_rank --hostfile launch/hostfile.example --num_nodes 2 --num_gpus 8 --master_addr node-1 "
         "--master_port 29500 --module stages.cli sft")
-
-
-def test_several_processes_without_deepspeed_are_refused_before_any_model_loads(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = run_in_process("sft", f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}")
-    assert result.returncode == 2 and "key 'deepspeed'" in result.stderr and "one process" in result.stderr
-    assert not (tmp_path / "out" / "tristage_config.yaml").exists()

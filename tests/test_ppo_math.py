@@ -117,3 +117,22 @@ def test_explained_variance():
     returns = torch.randn(B, T)
     assert explained_variance(returns, returns, MASK) == pytest.approx(1.0)
     assert explained_variance(torch.zeros(B, T) + float((returns * MASK).sum() / MASK.sum()), returns, MASK) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_whitening_over_processes_equals_whitening_the_whole_batch():
+    """masked_whiten with a sum over processes: each half, whitened with both halves' statistics, is the whole batch
+    whitened (what 2 processes must give for PPO's results not to depend on the process count)."""
+    from stages.ppo.advantages import masked_whiten
+
+    torch.manual_seed(0)
+    values, mask = torch.randn(6, 5, dtype=torch.float64), (torch.rand(6, 5) > 0.3).double()
+    whole = masked_whiten(values, mask)
+    halves = [(values[:3], mask[:3]), (values[3:], mask[3:])]
+
+    def stats(v, m):
+        return [float((v * m).sum()), float((v**2 * m).sum()), float(m.sum())]
+
+    both = [a + b for a, b in zip(stats(*halves[0]), stats(*halves[1]))]
+    parts = [masked_whiten(v, m, reduce=lambda _local: both) for v, m in halves]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-8)
+    assert not torch.allclose(torch.cat([masked_whiten(v, m) for v, m in halves]), whole, atol=1e-3)  # per-process is not

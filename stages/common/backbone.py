@@ -100,6 +100,8 @@ def load_pretrained(auto_class, model_args: ModelArguments, backbone: BackboneAr
         kwargs["attn_implementation"] = model_args.attn_implementation
     if backbone.finetuning_type == "qlora":
         kwargs["quantization_config"] = quantization_config(backbone, train_args)
+        if torch.cuda.is_available() and not getattr(train_args, "use_cpu", False):  # this process's GPU (data parallel: one each)
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     # Weights that train are float32 (master weights; bf16/fp16 compute comes from autocast or DeepSpeed). An adapter's
     # or a prompt's frozen base loads in the compute dtype, as --estimate counts it; freeze casts its frozen part later.
     kwargs["dtype"] = torch.float32 if backbone.finetuning_type in ("full", "freeze") else compute_dtype(train_args)

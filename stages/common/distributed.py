@@ -87,6 +87,38 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def process_count() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+GRADIENT_BUCKET_ELEMENTS = 2**24  # 64 MB of float32 per all-reduce: few calls, a bounded extra buffer (DDP's idea)
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Data parallelism without DeepSpeed: every rank's gradients become their mean over the ranks (a parameter
+    without a gradient counts as zeros, so every rank makes the same calls)."""
+    if process_count() < 2:
+        return
+    world = process_count()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    start = 0
+    while start < len(grads):
+        stop, size = start, 0
+        while stop < len(grads) and (size == 0 or size + grads[stop].numel() <= GRADIENT_BUCKET_ELEMENTS):
+            size += grads[stop].numel()
+            stop += 1
+        bucket = torch.cat([g.reshape(-1) for g in grads[start:stop]]).to(collective_device())
+        dist.all_reduce(bucket)
+        bucket /= world
+        offset = 0
+        for g in grads[start:stop]:
+            g.copy_(bucket[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        start = stop
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

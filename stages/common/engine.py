@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import DistInfo
+from .distributed import DistInfo, average_gradients
 from .errors import ConfigError
 from .optimizers import BITSANDBYTES, build_optimizer, optimizer_name
 
@@ -102,9 +102,7 @@ class TrainingEngine:
         self.model = model
         self.ds_engine = None
         self.scaler = None
-        if ds_config is None:
-            if dist.world_size > 1:
-                raise ConfigError("several processes need a DeepSpeed config (configs/deepspeed/zero2.json or zero3.json)", key="deepspeed")
+        if ds_config is None:  # one process, or data parallel: every rank holds the model, gradients are averaged
             if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
                 model.to(dist.device)
             self.optimizer = build_optimizer(model, train_args)
@@ -178,6 +176,7 @@ class TrainingEngine:
             norm = self.ds_engine.get_global_grad_norm()
             return float(norm) if norm is not None else None
         params = [p for p in self.model.parameters() if p.requires_grad]
+        average_gradients(params)  # (several processes without DeepSpeed)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf"))
@@ -206,6 +205,8 @@ class TrainingEngine:
         torch.save(rng, directory / f"rng_rank{self.dist.rank}.pt")
         if self.ds_engine is not None:
             self.ds_engine.save_checkpoint(str(directory), tag="engine", client_state=client_state)
+            return
+        if not self.dist.is_main:  # data parallel: every rank holds the same weights and optimizer state
             return
         trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -164,7 +164,7 @@ def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, p
     est.rows = {**roles(shared), "generation, scoring or training activations": max(generation, scoring, training)}
     other = roles(not shared) if adapters else None
     if other is not None:
-        est.notes = {f"model states {'separate models' if shared else 'shared backbone (one GPU, no DeepSpeed)'}": sum(other.values())}
+        est.notes = {f"model states {'separate models' if shared else 'shared backbone (no DeepSpeed; data parallel on several GPUs)'}": sum(other.values())}
     est.notes.update({"generation (KV cache + gathered actor)": generation, "a scoring pass (logits)": scoring,
                       "training activations": training,
                       f"training activations {'without' if checkpointing else 'with'} checkpointing": training_other})
@@ -212,6 +212,9 @@ def print_estimate(est: Estimate) -> None:
             choices.add_row(kind, *(f"{row[name] / GIB:.2f}" for name in ZERO_CHOICES))
         console.print(choices)
     usable = USABLE_FRACTION * est.gpu_memory_gib
+    if est.zero == "no DeepSpeed" and est.gpus > 1:
+        console.print(f"{est.gpus} GPUs without DeepSpeed run data-parallel: every GPU holds all of the above, "
+                      "and each trains on its share of every batch")
     verdict = "fits" if est.fits else "does NOT fit"
     console.print(f"{est.stage}: {verdict}: peak {est.peak / GIB:.1f} GiB of {usable:.1f} usable GiB per GPU "
                   f"({USABLE_FRACTION:.0%} of {est.gpu_memory_gib:g})")

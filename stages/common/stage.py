@@ -3,24 +3,16 @@ needs one even for a single process), seed everything, and load the tokenizer â€
 setting fails before any process group or download."""
 from __future__ import annotations
 
-import os
-
 from transformers import set_seed
 
 from .backbone import check_backbone_args, load_tokenizer
 from .distributed import DistInfo, init_distributed
-from .errors import ConfigError
 from .loop import find_checkpoint, refuse_model_only
 
 
 def start_stage(stage: str, model_args, backbone_args, train_args, packing: bool = False) -> tuple[DistInfo, object]:
     """Returns (this process's place in the group, the tokenizer)."""
     check_backbone_args(backbone_args, train_args, stage=stage, packing=packing)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1 and not train_args.deepspeed and not train_args.dry_run:
-        raise ConfigError(f"{processes} processes were started, but without a DeepSpeed config a stage trains in one process: "
-                          "set deepspeed (configs/deepspeed/zero2.json or zero3.json), or start one process (NPROC=1)",
-                          key="deepspeed")
     checkpoint = find_checkpoint(train_args)  # a checkpoint it cannot resume from fails now, not after loading
     if checkpoint is not None:
         refuse_model_only(checkpoint)

@@ -20,10 +20,18 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
     """(x − mean) / std over the masked entries; with shift_mean=False the mean is added back (as for rewards,
-    whose sign matters). Entries outside the mask are returned as 0."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whose sign matters). Entries outside the mask are returned as 0. ``reduce`` (a sum over processes, e.g.
+    all_reduce_sum) takes mean and variance over every process's entries, from their sum, sum of squares and count."""
+    if reduce is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        total, squares, count = reduce([float((values * mask).sum()), float((values**2 * mask).sum()), float(mask.sum())])
+        mean_value = total / max(count, 1.0)
+        var_value = max(squares / max(count, 1.0) - mean_value**2, 0.0) * count / max(count - 1.0, 1.0)
+        mean = torch.tensor(mean_value, dtype=values.dtype, device=values.device)
+        var = torch.tensor(var_value, dtype=values.dtype, device=values.device)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

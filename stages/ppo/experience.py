@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.common.data import pad_rows
-from stages.common.distributed import any_rank
+from stages.common.distributed import all_reduce_sum, any_rank, process_count
 from stages.common.generation import (generate, generation_config, join, left_pad, response_logits, response_mask, token_entropy,
                                       token_logprobs)
 
@@ -61,8 +61,21 @@ def make_experience(roles, tokenizer, rows: list[dict], ppo_args, sampling, beta
     with roles.generation_model() as policy:
         pieces = [generate(policy, prompt_ids[c], prompt_mask[c], config) for c in _in_chunks(len(rows), inference_batch)]
     response_ids, _ = pad_rows([row for piece in pieces for row in piece], tokenizer.pad_token_id)
+    timing = {"started": started, "generated": time.time()}
+    return score_rollouts(roles, tokenizer, rows, prompt_ids, prompt_mask, response_ids, ppo_args, sampling, beta, inference_batch,
+                          timing)
+
+
+@torch.no_grad()
+def score_rollouts(roles, tokenizer, rows: list[dict], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   response_ids: torch.Tensor, ppo_args, sampling, beta: float, inference_batch: int,
+                   timing: dict | None = None) -> Experience | None:
+    """Everything the update needs from sampled responses: scores, log-probs, values, KL-penalized per-token rewards,
+    advantages and returns (DeepSpeed-Chat's "compute rewards"). Whitening uses every rank's rollout, so the result
+    does not depend on how many processes share it."""
+    device = prompt_ids.device
+    timing = timing or {"started": time.time(), "generated": time.time()}
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
-    generated = time.time()
 
     # 2. Score the decoded responses; the reward model re-renders them through its chat template.
     texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(response_ids, mask)], skip_special_tokens=True)
@@ -97,11 +110,12 @@ def make_experience(roles, tokenizer, rows: list[dict], ppo_args, sampling, beta
     # 4. Per-token rewards: -beta * KL on every token, the score added at the last one; then GAE.
     kl = kl_estimate(logprobs, ref_logprobs, ppo_args.kl_estimator) * maskf
     rewards = per_token_rewards(scores, kl, maskf, beta)
+    across_ranks = all_reduce_sum if process_count() > 1 else None
     if ppo_args.whiten_rewards:
-        rewards = masked_whiten(rewards, maskf, shift_mean=False)
+        rewards = masked_whiten(rewards, maskf, shift_mean=False, reduce=across_ranks)
     advantages, returns = gae(rewards, values * maskf, maskf, ppo_args.gamma, ppo_args.lam)
     if ppo_args.whiten_advantages:
-        advantages = masked_whiten(advantages, maskf)
+        advantages = masked_whiten(advantages, maskf, reduce=across_ranks)
 
     lengths = maskf.sum(dim=1)
     stats = {
@@ -109,6 +123,7 @@ def make_experience(roles, tokenizer, rows: list[dict], ppo_args, sampling, beta
         "kl": float(kl.sum(dim=1).mean()), "entropy": float(masked_mean(entropy, maskf)),
         "response_length": float(lengths.mean()), "no_eos_rate": float((~ended).float().mean()),
         "value_mean": float(masked_mean(values, maskf)), "explained_variance": explained_variance(values, returns, maskf),
-        "rollout_time": time.time() - started, "generation_time": generated - started, "generated_tokens": float(lengths.sum()),
+        "rollout_time": time.time() - timing["started"], "generation_time": timing["generated"] - timing["started"],
+        "generated_tokens": float(lengths.sum()),
     }
     return Experience(prompt_ids, prompt_mask, response_ids, mask, logprobs, values, advantages, returns, stats)
