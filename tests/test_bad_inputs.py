@@ -88,8 +88,14 @@ def test_skip_invalid_drops_and_counts(tmp_path, tiny_model, capsys):
     assert "skipped 1 invalid record(s) of 3" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("override, key", [("lora_rnak=8", "lora_rnak"), ("finetuning_type=adapterz", "finetuning_type"),
-                                           ("max_steps=many", "max_steps")])
+@pytest.mark.parametrize("override, key", [
+    ("lora_rnak=8", "lora_rnak"), ("finetuning_type=adapterz", "finetuning_type"), ("max_steps=many", "max_steps"),
+    # the keys of round 2
+    ("overlong=cut", "overlong"), ("overlong_response_share=1.5", "overlong_response_share"), ("optim=adam", "optim"),
+    ("optim_args=momentun=0.9", "optim_args"), ("report_to=comet", "report_to"), ("save_strategy=epoch", "save_strategy"),
+    ("eval_strategy=epoch", "eval_strategy"), ("logging_strategy=epoch", "logging_strategy"),
+    ("average_tokens_across_devices=false", "average_tokens_across_devices"), ("dataloader_num_workers=4", "dataloader_num_workers"),
+    ("metric_for_best_model=bleu", "metric_for_best_model"), ("save_only_model=maybe", "save_only_model")])
 def test_bad_config_names_the_key(tmp_path, tiny_model, capsys, override, key):
     code = tristage(["sft", f"model_name_or_path={tiny_model}", f"dataset={ROOT / 'tests/fixtures/text_sample.jsonl'}",
                      f"output_dir={tmp_path}", override])

@@ -54,9 +54,9 @@ def load_tokenizer(model_args: ModelArguments):
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if not name:
         raise ConfigError("no model given", key="model_name_or_path")
-    for path, key in ((model_args.model_name_or_path, "model_name_or_path"), (model_args.tokenizer_name_or_path, "tokenizer_name_or_path")):
-        if (error := missing_path(path, key)) is not None:
-            raise error
+    key = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+    if (error := missing_path(name, key)) is not None:  # (the model's own path is checked where it loads: dry runs skip that)
+        raise error
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -105,6 +105,8 @@ def load_pretrained(auto_class, model_args: ModelArguments, backbone: BackboneAr
     # Weights that train are float32 (master weights; bf16/fp16 compute comes from autocast or DeepSpeed). An adapter's
     # or a prompt's frozen base loads in the compute dtype, as --estimate counts it; freeze casts its frozen part later.
     kwargs["dtype"] = torch.float32 if backbone.finetuning_type in ("full", "freeze") else compute_dtype(train_args)
+    if (error := missing_path(model_args.model_name_or_path, "model_name_or_path")) is not None:
+        raise error
     try:
         return auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:

@@ -167,11 +167,12 @@ class TrainArguments(TrainingArguments):
             value = str(getattr(getattr(self, key), "value", getattr(self, key)))
             if value not in allowed:
                 raise ConfigError(f"{value!r} is not supported: use {' or '.join(allowed)} (tristage counts optimizer steps)", key=key)
-        if self.load_best_model_at_end:
+        if self.load_best_model_at_end or self.metric_for_best_model:
             metric = (self.metric_for_best_model or "loss").removeprefix("eval_")
             if metric not in self.eval_metrics:
                 raise ConfigError(f"{metric!r} is not one of this stage's eval metrics ({', '.join(self.eval_metrics)})",
                                   key="metric_for_best_model")
+        if self.load_best_model_at_end:
             if self.save_only_model:
                 raise ConfigError("load_best_model_at_end loads a whole checkpoint: remove save_only_model", key="save_only_model")
         if not self.average_tokens_across_devices:
