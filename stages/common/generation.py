@@ -93,7 +93,7 @@ def generation_config(sampling: SamplingArguments, tokenizer, greedy: bool = Fal
     sample = not greedy and sampling.temperature > 0
     return GenerationConfig(
         do_sample=sample, temperature=sampling.temperature if sample else 1.0, top_p=sampling.top_p if sample else 1.0,
-        top_k=sampling.top_k if sample else 0, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, min_length=0,
+        top_k=sampling.top_k if sample else 0, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
 
