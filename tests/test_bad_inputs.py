@@ -34,6 +34,7 @@ CASES = [  # stage, file, what the one-line message must name
     ("rm", "pref_missing_rejected.jsonl", ["record 2", "field 'rejected'", "missing"]),
     ("rm", "pref_empty_chosen.jsonl", ["record 3", "field 'chosen'", "empty"]),
     ("rm", "pref_wrong_type.jsonl", ["record 1", "field 'chosen'", "got int"]),
+    ("rm", "pref_tie_not_bool.jsonl", ["record 2", "field 'tie'", "true or false"]),
     ("rm", "pref_null_prompt.jsonl", ["record 1", "field 'prompt'", "missing"]),
     ("rm", "pref_sharegpt_ranking_ends_with_gpt.jsonl", ["record 1", "field 'conversations'", "user turn"]),
     ("rm", "pref_hh_no_turns.jsonl", ["record 1", "unknown format"]),

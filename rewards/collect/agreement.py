@@ -57,11 +57,14 @@ def majority(answers: list[str]) -> str | None:
 
 def export_preferences(items: list[dict], labels: dict[int, list[str]], path: str | Path, ties: str = "drop",
                        min_answers: int = 1) -> dict:
-    """Write prompt/chosen/rejected records (the RM stage's ``prompt_chosen_rejected`` format) by majority
-    vote over each item's answers. A majority "tie" is dropped (``ties="drop"``) or kept as a pair with
-    margin 0 (``ties="margin0"``). Items without a majority, with fewer than ``min_answers`` answers, or
-    whose two responses are identical (nothing to prefer) are left out; the counts say how many."""
-    written = {"pairs": 0, "ties_dropped": 0, "no_majority": 0, "too_few": 0, "identical": 0}
+    """Write prompt/chosen/rejected records (the RM stage's ``prompt_chosen_rejected`` format) by majority vote over
+    each item's answers. A majority "tie" never becomes a preference: it is dropped (``ties="drop"``) or written with
+    ``"tie": true`` (``ties="tie"``), which the reward model's loss reads as p = 0.5 (either side equally likely to be
+    preferred). Items without a majority, with fewer than ``min_answers`` answers, or whose two responses are identical
+    (nothing to prefer) are left out; the counts say how many."""
+    if ties not in ("drop", "tie"):
+        raise ValueError(f"ties must be drop or tie, not {ties!r}")
+    written = {"pairs": 0, "ties": 0, "ties_dropped": 0, "no_majority": 0, "too_few": 0, "identical": 0}
     with open(path, "w", encoding="utf-8") as f:
         for item in items:
             if item["response_a"] == item["response_b"]:
@@ -75,16 +78,15 @@ def export_preferences(items: list[dict], labels: dict[int, list[str]], path: st
             if winner is None:
                 written["no_majority"] += 1
                 continue
-            base = {"prompt": item["prompt"]}
             if winner == "tie":
-                if ties != "margin0":
+                if ties == "drop":
                     written["ties_dropped"] += 1
                     continue
-                f.write(json.dumps({**base, "chosen": item["response_a"], "rejected": item["response_b"], "margin": 0.0},
-                                   ensure_ascii=False) + "\n")
+                record = {"prompt": item["prompt"], "chosen": item["response_a"], "rejected": item["response_b"], "tie": True}
+                written["ties"] += 1
+            else:
+                chosen, rejected = (item["response_a"], item["response_b"]) if winner == "A" else (item["response_b"], item["response_a"])
+                record = {"prompt": item["prompt"], "chosen": chosen, "rejected": rejected}
                 written["pairs"] += 1
-                continue
-            chosen, rejected = (item["response_a"], item["response_b"]) if winner == "A" else (item["response_b"], item["response_a"])
-            f.write(json.dumps({**base, "chosen": chosen, "rejected": rejected}, ensure_ascii=False) + "\n")
-            written["pairs"] += 1
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return written

@@ -1,42 +1,117 @@
-"""The annotation web app (FastAPI, served by uvicorn): plain HTML and a little JavaScript, no build step.
+"""The annotation web app (FastAPI, served by uvicorn): plain HTML and a little JavaScript (static/), no build step.
 
-Annotators open ``http://HOST:PORT/#token=TOKEN``; the page keeps the token in the tab and sends it as a
-bearer token. Model text is untrusted: the page only ever sets it with ``textContent``, never as HTML.
+Annotators open ``http://HOST:PORT/#token=TOKEN``; the page keeps the token in the tab and sends it as a bearer
+token. Model text is untrusted: the page only ever sets it with ``textContent``, and the Content-Security-Policy lets
+only the page's own script run. Every request body is counted as it arrives and refused past ``MAX_BODY_BYTES``,
+before anything (authentication included) reads it.
 """
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+import json
+from pathlib import Path
+from typing import Literal
 
-from .store import CHOICES, LabelStore
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParameter
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .store import LabelRefused, LabelStore
 
 MAX_BODY_BYTES = 16 * 1024
+MAX_ITEM_ID = 2**63 - 1  # SQLite's largest integer
+STATIC = Path(__file__).parent / "static"
+PAGES = {"/": "annotate.html", "/admin": "admin.html"}
+ASSETS = {"annotate.js", "admin.js", "style.css"}  # the only files served: no path from a request reaches the disk
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                                 b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+]
+
+
+def valid_text(value: str | None) -> str | None:
+    if value is not None:
+        value.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) is not text: UnicodeEncodeError, a ValueError
+    return value
 
 
 class LabelIn(BaseModel):
-    item_id: int
-    choice: str = Field(pattern="^(A|B|tie|skip)$")
+    model_config = ConfigDict(strict=True, extra="forbid")  # "7", 8.0 and true are not item ids
+
+    item_id: int = Field(ge=1, le=MAX_ITEM_ID)
+    choice: Literal["A", "B", "tie", "skip"]
     note: str | None = Field(default=None, max_length=2000)
-    seconds: float | None = Field(default=None, ge=0, le=86400)
+    seconds: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
+
+    _text = field_validator("note")(valid_text)
 
 
-def create_app(store: LabelStore, labels_per_item: int = 1) -> FastAPI:
+class Guard:
+    """Pure ASGI, outermost: count the body's bytes as they arrive (a lying Content-Length or a chunked body changes
+    nothing) and answer 413 at the first byte over the limit; add the security headers to every answer."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", [])) + SECURITY_HEADERS
+                if scope["path"].startswith("/api/"):
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(send_with_headers)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self.refuse(send_with_headers)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_headers)
+
+    async def refuse(self, send) -> None:
+        data = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def create_app(store: LabelStore, labels_per_item: int = 1, lease_seconds: float = 600.0):
     app = FastAPI(title="tristage collect", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return JSONResponse({"detail": "Content-Length required"}, status_code=411)
-            if int(length) > MAX_BODY_BYTES:
-                return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError):
+        """422 naming the field and the rule, without echoing the input back (it may not even be encodable)."""
+        detail = [{"field": ".".join(str(p) for p in e["loc"][1:]), "error": e["msg"]} for e in err.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     def annotator(authorization: str | None = Header(default=None)):
-        token = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
-        row = store.annotator(token)
+        scheme, _, token = (authorization or "").partition(" ")
+        row = store.annotator(token.strip()) if scheme.lower() == "bearer" else None
         if row is None:
             raise HTTPException(status_code=401, detail="a valid annotator token is required")
         return row
@@ -46,26 +121,37 @@ def create_app(store: LabelStore, labels_per_item: int = 1) -> FastAPI:
             raise HTTPException(status_code=403, detail="an admin token is required")
         return row
 
-    @app.get("/", response_class=HTMLResponse)
-    def annotate_page():
-        return ANNOTATE_HTML
+    for path, page in PAGES.items():
+        app.get(path)(lambda page=page: FileResponse(STATIC / page, media_type="text/html"))
 
-    @app.get("/admin", response_class=HTMLResponse)
-    def admin_page():
-        return ADMIN_HTML
+    @app.get("/static/{name}")
+    def asset(name: str):
+        if name not in ASSETS:
+            raise HTTPException(status_code=404)
+        return FileResponse(STATIC / name)
 
     @app.get("/api/next")
     def next_item(row=Depends(annotator)):
-        return {"item": store.next_item(row["id"], labels_per_item), "progress": store.progress(row["id"], labels_per_item),
-                "annotator": row["name"]}
+        return {"item": store.next_item(row["id"], labels_per_item, lease_seconds), "annotator": row["name"],
+                "progress": store.progress(row["id"], labels_per_item), "lease_seconds": lease_seconds}
+
+    @app.get("/api/answered/{item_id}")
+    def answered(item_id: int = PathParameter(ge=1, le=MAX_ITEM_ID), row=Depends(annotator)):
+        item = store.answered_item(item_id, row["id"])
+        if item is None:
+            raise HTTPException(status_code=404, detail=f"you have not answered item {item_id}")
+        return item
 
     @app.post("/api/label")
     def label(body: LabelIn, row=Depends(annotator)):
         try:
-            stored = store.add_label(body.item_id, row["id"], body.choice, body.note, body.seconds)
+            result = store.add_label(body.item_id, row["id"], body.choice, body.note, body.seconds, labels_per_item,
+                                     admin=bool(row["is_admin"]))
         except KeyError:
             raise HTTPException(status_code=404, detail="no such item") from None
-        return {"saved": True, "duplicate": not stored}  # sent only after the label is committed
+        except LabelRefused as err:
+            raise HTTPException(status_code=409, detail=str(err)) from None
+        return {"saved": True, **result}  # sent only after the label is committed
 
     @app.get("/api/admin/stats")
     def stats(_row=Depends(admin)):
@@ -74,107 +160,14 @@ def create_app(store: LabelStore, labels_per_item: int = 1) -> FastAPI:
         return collection_stats(store, labels_per_item)
 
     @app.get("/api/admin/export", response_class=PlainTextResponse)
-    def export(ties: str = "drop", min_answers: int = 1, _row=Depends(admin)):
+    def export(ties: Literal["drop", "tie"] = "drop", min_answers: int = Query(default=1, ge=1, le=1000), _row=Depends(admin)):
         import tempfile
-        from pathlib import Path
 
         from .report import export_store
 
-        if ties not in ("drop", "margin0"):
-            raise HTTPException(status_code=400, detail="ties must be drop or margin0")
         with tempfile.TemporaryDirectory() as tmp:  # our own temporary file, never a path from the request
             path = Path(tmp) / "prefs.jsonl"
             export_store(store, path, ties=ties, min_answers=min_answers)
             return path.read_text(encoding="utf-8")
 
-    return app
-
-
-ANNOTATE_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tristage: which response is better?</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
- .text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.95rem; border: 1px solid #ccc;
-         border-radius: 6px; padding: 0.8rem; background: #fafafa; }
- #pair { display: flex; gap: 1rem; } #pair > div { flex: 1; }
- button { font-size: 1rem; margin: 0.4rem 0.3rem 0 0; padding: 0.4rem 0.9rem; }
- #status { color: #555; margin-top: 0.6rem; } kbd { border: 1px solid #999; border-radius: 3px; padding: 0 4px; }
-</style></head><body>
-<h2>Which response is better?</h2>
-<div id="progress"></div>
-<h3>Prompt</h3><div id="prompt" class="text"></div>
-<div id="pair"><div><h3>A</h3><div id="a" class="text"></div></div><div><h3>B</h3><div id="b" class="text"></div></div></div>
-<div><textarea id="note" rows="2" cols="60" placeholder="optional note"></textarea></div>
-<div>
- <button id="choose-A" data-choice="A">A is better <kbd>1</kbd></button>
- <button id="choose-B" data-choice="B">B is better <kbd>2</kbd></button>
- <button id="choose-tie" data-choice="tie">Tie <kbd>3</kbd></button>
- <button id="choose-skip" data-choice="skip">Skip <kbd>s</kbd></button>
- <button id="submit">Submit <kbd>Enter</kbd></button>
-</div>
-<div id="status"></div>
-<script>
-const params = new URLSearchParams(location.hash.slice(1));
-if (params.get("token")) { sessionStorage.setItem("token", params.get("token")); history.replaceState(null, "", location.pathname); }
-const token = sessionStorage.getItem("token");
-let item = null, choice = null, shownAt = 0, busy = false;
-const $ = (id) => document.getElementById(id);
-function show(text) { $("status").textContent = text; }
-function render(messages) {
-  return messages.map((m) => (messages.length > 1 ? m.role + ": " : "") + m.content).join("\\n\\n");
-}
-async function api(path, options = {}) {
-  options.headers = Object.assign({"Authorization": "Bearer " + token, "Content-Type": "application/json"}, options.headers || {});
-  const response = await fetch(path, options);
-  if (!response.ok) throw new Error(response.status + " " + (await response.text()));
-  return response.json();
-}
-async function load() {
-  const data = await api("/api/next");
-  const p = data.progress;
-  $("progress").textContent = data.annotator + ": " + p.mine + " labeled; " + p.complete + " of " + p.items + " items complete";
-  item = data.item; choice = null; $("note").value = "";
-  if (!item) { $("prompt").textContent = "Nothing left to label. Thank you!"; $("a").textContent = ""; $("b").textContent = ""; return; }
-  $("prompt").textContent = render(item.prompt);
-  $("a").textContent = item.response_a;
-  $("b").textContent = item.response_b;
-  shownAt = Date.now();
-}
-function pick(c) { if (!item) return; choice = c; show("selected: " + c + " (Enter or Submit to save)"); }
-async function submit() {
-  if (!item || !choice || busy) return;
-  busy = true;
-  try {
-    await api("/api/label", {method: "POST", body: JSON.stringify({item_id: item.id, choice: choice,
-      note: $("note").value || null, seconds: (Date.now() - shownAt) / 1000})});
-    show("saved: item " + item.id + " = " + choice);
-    await load();
-  } catch (e) { show("NOT saved: " + e.message); } finally { busy = false; }
-}
-document.querySelectorAll("button[data-choice]").forEach((b) => b.addEventListener("click", () => { pick(b.dataset.choice); submit(); }));
-$("submit").addEventListener("click", submit);
-document.addEventListener("keydown", (e) => {
-  if (e.target === $("note")) { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); submit(); } return; }
-  const keys = {"1": "A", "2": "B", "3": "tie", "s": "skip"};
-  if (keys[e.key]) pick(keys[e.key]);
-  else if (e.key === "Enter") submit();
-});
-if (!token) show("Open this page with the link you were given (it ends in #token=...)."); else load().catch((e) => show(e.message));
-</script></body></html>
-"""
-
-ADMIN_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tristage collect: admin</title>
-<style> body { font-family: system-ui, sans-serif; margin: 1.5rem; } pre { background: #fafafa; padding: 1rem; } </style>
-</head><body><h2>Collection status</h2><pre id="stats">loading...</pre>
-<p>Export: <code>GET /api/admin/export?ties=drop|margin0</code>, or <code>tristage collect export</code>.</p>
-<script>
-const params = new URLSearchParams(location.hash.slice(1));
-if (params.get("token")) { sessionStorage.setItem("admin", params.get("token")); history.replaceState(null, "", location.pathname); }
-fetch("/api/admin/stats", {headers: {"Authorization": "Bearer " + sessionStorage.getItem("admin")}})
-  .then((r) => r.ok ? r.json() : Promise.reject(r.status))
-  .then((s) => { document.getElementById("stats").textContent = JSON.stringify(s, null, 2); })
-  .catch((e) => { document.getElementById("stats").textContent = "refused: " + e; });
-</script></body></html>
-"""
+    return Guard(app)

@@ -3,13 +3,15 @@
     tristage collect token --db runs/collect/labels.db --name alice [--admin]   # prints alice's link
     tristage collect add   --db ... --pairs runs/demo/eval/pairs_for_collect.jsonl
     tristage collect add   --db ... --models runs/demo/sft runs/demo/ppo --prompts prompts.jsonl
-    tristage collect serve --db ... [--labels-per-item 3] [--host 127.0.0.1] [--port 8765]
+    tristage collect serve --db ... [--init] [--labels-per-item 3] [--lease-seconds 600] [--host 127.0.0.1] [--port 8765]
     tristage collect stats --db ...
-    tristage collect export --db ... --out prefs.jsonl [--ties drop|margin0] [--min-answers 2]
+    tristage collect export --db ... --out prefs.jsonl [--ties drop|tie] [--min-answers 2]
 
 Items are pairs of responses to a prompt: from eval's exported pairs, from a file of candidate pairs
 (``prompt`` + ``response_a``/``response_b``, or ``responses: [x, y]``), or sampled from one model (two
 samples) or two models (one each); A/B order is randomized (seeded) and the source of each side recorded.
+An item is its content: the same prompt and pair added again, from any file, is the same item.
+Only ``add``, ``token`` and ``serve --init`` create a database; ``stats`` and ``export`` only read it.
 """
 from __future__ import annotations
 
@@ -19,22 +21,34 @@ import random
 import sys
 from pathlib import Path
 
-from stages.common.errors import DataError
+from stages.common.errors import ConfigError, DataError
 
 from .store import LabelStore
+
+
+def _text(value, source: str, number: int, field: str) -> str:
+    """A string that is text: JSON's "\\ud800" escape gives a lone surrogate, which no database or page can hold."""
+    if not isinstance(value, str):
+        raise DataError(source, "missing or not a string", record=number, field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(source, "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), not text", record=number, field=field) from None
+    return value
 
 
 def _prompt(record: dict, source: str, number: int) -> list[dict]:
     prompt = record.get("prompt")
     if isinstance(prompt, str) and prompt.strip():
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": _text(prompt, source, number, "prompt")}]
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-        messages = prompt
+        messages = [{**m, "content": _text(m["content"], source, number, f"prompt[{i}].content")} for i, m in enumerate(prompt)]
     else:
         raise DataError(source, "must be a non-empty string or a list of {role, content} messages", record=number, field="prompt")
     from stages.common.data import with_system
 
-    return with_system(messages, record["system"] if isinstance(record.get("system"), str) else None)
+    system = _text(record["system"], source, number, "system") if record.get("system") is not None else None
+    return with_system(messages, system)
 
 
 def items_from_pairs(path: str, seed: int = 0) -> list[dict]:
@@ -47,20 +61,22 @@ def items_from_pairs(path: str, seed: int = 0) -> list[dict]:
             raise DataError(path, "must be an object", record=number)
         if "responses" in record:
             responses = record["responses"]
-            if not (isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
+            if not (isinstance(responses, list) and len(responses) == 2):
                 raise DataError(path, "must be a list of two strings", record=number, field="responses")
-            sources = record.get("sources") or ["response 1", "response 2"]
+            responses = [_text(r, path, number, f"responses[{i}]") for i, r in enumerate(responses)]
+            sources = record.get("sources", ["response 1", "response 2"])
+            if not (isinstance(sources, list) and len(sources) == 2):
+                raise DataError(path, "must be a list of two strings, one per response", record=number, field="sources")
+            sources = [_text(r, path, number, f"sources[{i}]") for i, r in enumerate(sources)]
             order = [0, 1] if rng.random() < 0.5 else [1, 0]
             a, b = responses[order[0]], responses[order[1]]
             source_a, source_b = sources[order[0]], sources[order[1]]
         else:
-            for key in ("response_a", "response_b"):
-                if not isinstance(record.get(key), str):
-                    raise DataError(path, "missing or not a string", record=number, field=key)
-            a, b, source_a, source_b = record["response_a"], record["response_b"], record.get("source_a"), record.get("source_b")
+            a, b = (_text(record.get(key), path, number, key) for key in ("response_a", "response_b"))
+            source_a, source_b = (_text(record[key], path, number, key) if record.get(key) is not None else None
+                                  for key in ("source_a", "source_b"))
         prompt = _prompt(record, path, number)
-        key = str(record.get("id") or f"{Path(path).name}:{number}")
-        items.append({"key": key, "prompt": prompt, "response_a": a, "response_b": b, "source_a": source_a, "source_b": source_b})
+        items.append({"prompt": prompt, "response_a": a, "response_b": b, "source_a": source_a, "source_b": source_b})
     return items
 
 
@@ -74,7 +90,7 @@ def items_from_models(models: list[str], prompts_file: str, seed: int, max_new_t
     from stages.common.generation import SamplingArguments, sample_responses
 
     if len(models) not in (1, 2):
-        raise DataError("models", "give one model (two samples per prompt) or two models (one response each)")
+        raise ConfigError("give one model (two samples per prompt) or two models (one response each)", key="--models")
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=models[0]))
     sampling = SamplingArguments(max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, temperature=temperature)
     prompts = build_prompt_data(DataArguments(dataset=[prompts_file]), tokenizer, seed=seed, max_prompt_length=max_prompt_length).train
@@ -90,9 +106,26 @@ def items_from_models(models: list[str], prompts_file: str, seed: int, max_new_t
         else:
             pair = [(texts[0][i], models[0]), (texts[1][i], models[1])]
         rng.shuffle(pair)
-        items.append({"key": f"{'|'.join(models)}:{prompts_file}:{seed}:{i}", "prompt": prompt["prompt"], "response_a": pair[0][0],
+        items.append({"prompt": prompt["prompt"], "response_a": pair[0][0],
                       "response_b": pair[1][0], "source_a": pair[0][1], "source_b": pair[1][1]})
     return items
+
+
+def _check(args) -> None:
+    """The numbers and paths, before any database is opened or model loaded."""
+    for name, low in (("labels_per_item", 1), ("min_answers", 1), ("lease_seconds", 1), ("port", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"must be at least {low}, not {value}", key="--" + name.replace("_", "-"))
+    if getattr(args, "ties", None) == "margin0":
+        raise ConfigError("margin0 is gone: it exported a tie as a full-strength preference for whichever side was shown "
+                          "as A; use drop (leave ties out) or tie (records with \"tie\": true, which the reward model "
+                          "learns as p = 0.5)", key="--ties")
+    out = getattr(args, "out", None)
+    if out is not None and not Path(out).resolve().parent.is_dir():
+        raise ConfigError(f"{out}: the folder {Path(out).resolve().parent} does not exist", key="--out")
+    if getattr(args, "models", None) and not args.prompts:
+        raise ConfigError("--models needs --prompts", key="--prompts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("token", "add", "serve", "stats", "export"):
         sub = commands.add_parser(name)
-        sub.add_argument("--db", default="runs/collect/labels.db", help="the SQLite database (created if missing)")
+        sub.add_argument("--db", default="runs/collect/labels.db",
+                         help="the SQLite database (add, token and serve --init create it; the others need it to exist)")
         if name == "token":
             sub.add_argument("--name", required=True)
             sub.add_argument("--admin", action="store_true")
@@ -118,14 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("serve", "stats"):
             sub.add_argument("--labels-per-item", type=int, default=1, help="k: answers an item needs before it leaves the queue")
         if name == "serve":
+            sub.add_argument("--init", action="store_true", help="create the database if it does not exist")
+            sub.add_argument("--lease-seconds", type=float, default=600.0,
+                             help="an item served to an annotator is reserved for them this long (and counts toward k)")
             sub.add_argument("--host", default="127.0.0.1", help="127.0.0.1 unless you mean to expose it")
             sub.add_argument("--port", type=int, default=8765)
         if name == "export":
             sub.add_argument("--out", required=True)
-            sub.add_argument("--ties", choices=["drop", "margin0"], default="drop")
+            sub.add_argument("--ties", choices=["drop", "tie", "margin0"], default="drop",
+                             help="a majority tie: drop it, or write it with \"tie\": true (the RM learns p = 0.5)")
             sub.add_argument("--min-answers", type=int, default=1)
     args = parser.parse_args(argv)
-    store = LabelStore(args.db)
+    _check(args)
+    store = LabelStore(args.db, create=args.command in ("token", "add") or (args.command == "serve" and args.init),
+                       read_only=args.command in ("stats", "export"))
 
     if args.command == "token":
         token = store.create_annotator(args.name, admin=args.admin)
@@ -135,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("add", "serve"):
         items = [item for path in args.pairs for item in items_from_pairs(path, args.seed)]
         if args.models:
-            if not args.prompts:
-                raise DataError("prompts", "--models needs --prompts")
             items += items_from_models(args.models, args.prompts, args.seed, args.max_new_tokens, args.temperature,
                                        args.max_prompt_length, args.batch_size)
         if items:
@@ -147,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         from .app import create_app
 
         print(f"[tristage] collect: serving http://{args.host}:{args.port}/ (annotators open their #token= link; "
-              f"admin page /admin), {args.labels_per_item} answer(s) per item", flush=True)
-        uvicorn.run(create_app(store, args.labels_per_item), host=args.host, port=args.port, log_level="warning")
+              f"admin page /admin), {args.labels_per_item} answer(s) per item, leases of {args.lease_seconds:g} s", flush=True)
+        uvicorn.run(create_app(store, args.labels_per_item, args.lease_seconds), host=args.host, port=args.port, log_level="warning")
         return 0
     if args.command == "stats":
         from .report import collection_stats
@@ -159,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import export_store
 
         counts = export_store(store, args.out, ties=args.ties, min_answers=args.min_answers)
-        print(f"[tristage] collect: {counts['pairs']} preference pairs -> {args.out} ({counts})")
+        print(f"[tristage] collect: {counts['pairs']} preference pairs and {counts['ties']} ties -> {args.out} ({counts})")
         return 0
     return 0
 

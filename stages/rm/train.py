@@ -45,11 +45,13 @@ class PairwiseObjective:
         rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         chosen, rejected = rewards.chunk(2)
         margin = batch["margin"].to(device) if self.use_margin else 0.0
-        loss = bradley_terry_loss(chosen, rejected, margin)
+        tie = batch["tie"].to(device)
+        loss = bradley_terry_loss(chosen, rejected, margin, tie)
         if self.center:
             loss = loss + self.center * centering_penalty(chosen, rejected)
         gap = (chosen - rejected).detach()
-        return loss.sum(), {"accuracy": float((gap > 0).sum()), "reward_gap": float(gap.sum())}
+        right = torch.where(tie, 0.5, (gap > 0).float())  # a tie pair counts half, as ties do in win rates
+        return loss.sum(), {"accuracy": float(right.sum()), "reward_gap": float(gap.sum())}
 
 
 @torch.no_grad()

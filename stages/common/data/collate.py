@@ -45,4 +45,5 @@ def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 def collate_preferences(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One forward for both sides: the first half of the batch is the chosen responses, the second the rejected."""
     input_ids, attention_mask = right_pad([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": torch.tensor([float(r["margin"]) for r in rows])}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": torch.tensor([float(r["margin"]) for r in rows]),
+            "tie": torch.tensor([bool(r.get("tie", False)) for r in rows])}

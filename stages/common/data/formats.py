@@ -31,6 +31,7 @@ class PreferenceExample:
     chosen: str
     rejected: str
     margin: float = 0.0  # how much better chosen is; the Bradley-Terry loss asks for at least this gap
+    tie: bool = False  # annotators found neither better: the loss reads it as p = 0.5 (collect's `tie: true` records)
     prompt_field: str = "prompt"
     origin: tuple[str, int] = ("?", 0)
 
@@ -248,6 +249,15 @@ def read_margin(record: dict) -> float:
     return float(margin)
 
 
+def read_tie(record: dict) -> bool:
+    tie = record.get("tie", False)
+    if tie is None:
+        return False
+    if not isinstance(tie, bool):
+        raise RecordError("tie", f"must be true or false, got {type(tie).__name__}")
+    return tie
+
+
 def response_text(value: Any, field_name: str) -> str:
     """A response given as a string, a {role/from, content/value} object, or a list holding one assistant message."""
     if isinstance(value, str):
@@ -302,7 +312,7 @@ def parse_prompt_chosen_rejected(record: dict) -> PreferenceExample:
     prompt = with_system(prompt, optional_str(record, "system"))
     chosen, rejected = response_text(record["chosen"], "chosen"), response_text(record["rejected"], "rejected")
     check_pair(chosen, rejected)
-    return PreferenceExample(prompt, chosen, rejected, read_margin(record))
+    return PreferenceExample(prompt, chosen, rejected, read_margin(record), tie=read_tie(record))
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")

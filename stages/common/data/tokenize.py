@@ -157,7 +157,7 @@ def tokenize_preference_example(example: PreferenceExample, tokenizer, budget: B
         chosen_ids, rejected_ids = head_ids + prompt_ids + chosen, head_ids + prompt_ids + rejected
     if chosen_ids == rejected_ids:
         raise RecordError(example.prompt_field, f"chosen and rejected are identical within max_length={budget.max_length} tokens")
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": example.margin}, truncated
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": example.margin, "tie": example.tie}, truncated
 
 
 def tokenize_prompt_example(example: PromptExample, tokenizer, budget: Budget) -> tuple[dict, bool]:
