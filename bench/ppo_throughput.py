@@ -31,7 +31,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return model, demo / "data" / "prompts_train.jsonl"
 
 
-def tristage_side(work: Path, model: Path, prompts: Path, generation_batch: int = EPISODES) -> dict:
+def tristage_side(work: Path, model: Path, prompts: Path, generation_batch: int = EPISODES, extra: list[str] = ()) -> dict:
     from stages.ppo.train import main
 
     out = work / f"tristage-ppo-{time.time_ns()}"
@@ -40,7 +40,7 @@ def tristage_side(work: Path, model: Path, prompts: Path, generation_batch: int 
           f"max_new_tokens={NEW_TOKENS}", "temperature=1.0", "init_kl_coef=0.05", "adaptive_kl=false", "ppo_epochs=1",
           f"per_device_train_batch_size={MICRO}", f"gradient_accumulation_steps={ACCUMULATION}", f"per_device_eval_batch_size={generation_batch}",
           "learning_rate=1e-5", "lr_scheduler_type=constant", f"max_steps={ITERATIONS}", "save_strategy=no", "report_to=none",
-          "logging_steps=1", "seed=0", "use_cpu=true"])
+          "logging_steps=1", "seed=0", "use_cpu=true", *extra])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     seconds = metrics[-1]["time"] - metrics[0]["time"]  # "time" is elapsed since the start: iterations 2..N
     steady = metrics[1:]

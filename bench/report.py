@@ -52,6 +52,18 @@ def rows() -> list[str]:
     if (z3 := load("zero3_memory")):
         out.append(f"| ZeRO-3 params + optimizer states per rank, 2 processes vs 1, MiB | {z3['two_processes_largest_rank_mib']['median']:.0f} | "
                    f"{z3['one_process_mib']['median']:.0f} | {r(z3['two_over_one'], 3)} | ≤ 0.55×: {verdict(z3['two_over_one']['median'], 0.55, False)} |")
+    if (engines := load("rollout_engines")):
+        for key, entry in engines.items():
+            if key.startswith("generation_"):
+                dtype = key.rsplit("_", 1)[1]
+                out.append(f"| generation tokens/s, vLLM vs hf engine ({entry['parameters'] / 1e6:.1f}M params, {dtype}) | "
+                           f"{entry['vllm_tokens_per_second']['median']:.0f} | {entry['hf_tokens_per_second']['median']:.0f} | "
+                           f"{r(entry['vllm_over_hf'])} | {'≥ 2× at ~30M: ' + verdict(entry['vllm_over_hf']['median'], 2.0, True) if entry['parameters'] > 2e7 and dtype == 'float32' else ''} |")
+        ppo = engines["ppo"]
+        eps = ppo["episodes_per_second"]
+        out.append(f"| PPO episodes/s, rollout_engine vllm vs hf | {eps['vllm']['median']:.1f} | {eps['hf']['median']:.1f} | {r(ppo['vllm_over_hf'])} | |")
+        out.append(f"| PPO episodes/s, rollout_engine vllm vs TRL RLOOTrainer | {eps['vllm']['median']:.1f} | {eps['trl']['median']:.1f} | "
+                   f"{r(ppo['vllm_over_trl_rloo'])} | ≥ 1.5×: {verdict(ppo['vllm_over_trl_rloo']['median'], 1.5, True)} |")
     if (demo := load("demo_all")):
         stages = ", ".join(f"{name} {demo[name]['median']:.0f} s" for name in ("sft", "rm", "ppo", "eval") if name in demo)
         out.append(f"| demo `all` wall time (n={demo['total']['n']}) | {stages}; total {demo['total']['median']:.0f} s | | | |")

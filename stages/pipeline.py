@@ -26,6 +26,8 @@ import yaml
 
 from stages.common.config import load_yaml, parse_config
 from stages.common.errors import ConfigError
+from stages.common.rollout import RolloutArguments
+from stages.common.rollout.vllm_engine import import_vllm
 from stages.registry import STAGE_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,14 @@ def output_dir(stage: str, config_file: Path, overrides: list[str]) -> Path:
     return Path(next(c.output_dir for c in configs if hasattr(c, "output_dir")))
 
 
+def preflight(stage: str, config_file: Path, overrides: list[str]) -> None:
+    """What a later stage would refuse for want of an install, refused before the first stage trains: a stage asking
+    for the vLLM engine needs vllm importable (its model's architecture is checked when the stage starts)."""
+    configs = parse_config(["--config", str(config_file), *overrides], STAGE_CONFIGS[stage])
+    if any(isinstance(c, RolloutArguments) and c.rollout_engine == "vllm" for c in configs):
+        import_vllm(key=f"{stage}.rollout_engine")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_stage.sh all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-dir", default=str(ROOT / "configs" / "demo"), help="holds sft.yaml, rm.yaml, ppo.yaml, eval.yaml")
@@ -99,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             config_files[s] = run_dir / "configs" / f"{s}.yaml"
             config_files[s].write_text(yaml.safe_dump(relocate(raw[s], moves), sort_keys=False, allow_unicode=True))
 
+    for stage in stages:
+        preflight(stage, config_files[stage], routed[stage])
     env = dict(os.environ)
     if config_dir.resolve() == (ROOT / "configs" / "demo").resolve():
         subprocess.run([str(ROOT / "launch" / "run_stage.sh"), "demo"], check=True, env=env)

@@ -26,7 +26,7 @@ def main() -> None:
     from stages.ppo.roles import build_roles
     from stages.ppo.update import ppo_update
 
-    model_args, data_args, backbone, ppo_args, sampling, reward_settings, train_args = parse_config(overrides, ARGUMENTS)
+    model_args, data_args, backbone, ppo_args, sampling, _rollout, reward_settings, train_args = parse_config(overrides, ARGUMENTS)
     dist, tokenizer = start_stage("ppo", model_args, backbone, train_args)
     ds_config = resolve_deepspeed_config(train_args, dist)
     roles = build_roles(ppo_args, model_args, backbone, train_args, tokenizer, 100, dist, ds_config, reward_settings)

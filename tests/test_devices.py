@@ -96,7 +96,7 @@ def bf16_roles(tiny_model, tmp_path_factory):
     from stages.ppo.roles import build_roles
 
     out = tmp_path_factory.mktemp("roles")
-    model_args, data_args, backbone, ppo_args, sampling, reward_settings, train_args = parse_config(
+    model_args, data_args, backbone, ppo_args, sampling, _rollout, reward_settings, train_args = parse_config(
         ["--config", str(FIXTURES / "ppo_tiny.yaml"), f"model_name_or_path={tiny_model}", f"output_dir={out}", "bf16=true",
          "use_cpu=true"], ARGUMENTS)
     tokenizer = load_tokenizer(model_args)
@@ -106,6 +106,7 @@ def bf16_roles(tiny_model, tmp_path_factory):
 
 
 def test_ppo_computes_logits_only_for_the_response_in_the_compute_dtype(bf16_roles):
+    from stages.common.rollout.hf import HFEngine
     from stages.ppo.experience import make_experience
 
     roles, tokenizer, prompts, ppo_args, sampling = bf16_roles
@@ -115,7 +116,8 @@ def test_ppo_computes_logits_only_for_the_response_in_the_compute_dtype(bf16_rol
     hooks = [model.lm_head.register_forward_hook(lambda module, args, out, who=who: seen.append((who, out.shape[1], out.dtype)))
              for who, model in (("actor", roles.actor.module), ("ref", roles.ref))]
     try:
-        experience = make_experience(roles, tokenizer, prompts, ppo_args, sampling, 0.1, 4, torch.device("cpu"))
+        engine = HFEngine(roles.generation_model, tokenizer, sampling, 4, torch.device("cpu"))
+        experience = make_experience(roles, engine, tokenizer, prompts, ppo_args, sampling, 0.1, 4, torch.device("cpu"))
     finally:
         for hook in hooks:
             hook.remove()
@@ -269,7 +271,7 @@ def test_the_estimate_of_ppos_roles_is_the_bytes_they_hold(adapter_pipeline, tin
     configs = parse_config(["--config", str(FIXTURES / "ppo_tiny.yaml"), f"model_name_or_path={sft}", f"reward_model={rm}",
                             "critic_init=reward", "finetuning_type=lora", "reward_normalize=false", f"output_dir={tmp_path}",
                             *mode, *precision], ARGUMENTS)
-    model_args, _data, backbone, ppo_args, sampling, reward_settings, train_args = configs
+    model_args, _data, backbone, ppo_args, sampling, _rollout, reward_settings, train_args = configs
     roles = build_roles(ppo_args, model_args, backbone, train_args, load_tokenizer(model_args), 4, DistInfo(0, 1, 0), None,
                         reward_settings)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(tiny_model))
@@ -282,6 +284,28 @@ def test_the_estimate_of_ppos_roles_is_the_bytes_they_hold(adapter_pipeline, tin
         assert held_bytes(roles.critic.module) == rows["critic weights"]
         assert held_bytes(roles.ref) == rows["reference"]
         assert held_bytes(reward_model) == rows["reward model"]
+
+
+def test_the_estimate_counts_a_vllm_engine_per_gpu_and_its_sleep():
+    from stages.common.estimate import estimate_ppo
+    from stages.common.memory import GIB, ModelShape
+    from stages.common.rollout import RolloutArguments
+    from stages.ppo.config import ARGUMENTS
+    from stages.common.config import parse_config
+    from conftest import FIXTURES
+
+    configs = parse_config(["--config", str(FIXTURES / "ppo_tiny.yaml"), "model_name_or_path=unused", "output_dir=/tmp/unused",
+                            "bf16=true", "use_cpu=true"], ARGUMENTS)
+    _model, _data, backbone, ppo_args, sampling, _rollout, _reward, train_args = configs
+    shape = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=128256, heads=32, kv_heads=8, tied_embeddings=False)
+    args = (shape, None, backbone, ppo_args, sampling, train_args, 8, 80)
+    hf = estimate_ppo(*args)
+    share = estimate_ppo(*args, rollout=RolloutArguments(rollout_engine="vllm", vllm_gpu_memory_utilization=0.4))
+    assert share.rows["vLLM engine (weights + KV cache)"] == pytest.approx(0.4 * 80 * GIB)
+    fixed = estimate_ppo(*args, rollout=RolloutArguments(rollout_engine="vllm", vllm_kv_cache_gb=4))
+    assert fixed.rows["vLLM engine (weights + KV cache)"] == pytest.approx(2 * shape.parameters(True) + 4 * GIB)  # bf16 weights
+    asleep = estimate_ppo(*args, rollout=RolloutArguments(rollout_engine="vllm", vllm_kv_cache_gb=4, vllm_enable_sleep_mode=True))
+    assert "vLLM engine (weights + KV cache)" not in asleep.rows and hf.peak < asleep.peak < fixed.peak
 
 
 # --------------------------------------------------------------------------------------------- fp16 without DeepSpeed

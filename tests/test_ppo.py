@@ -125,7 +125,7 @@ def test_shared_backbone_reference_and_reward_equal_the_standalone_models(lora_s
     from stages.ppo.roles import SharedRoles
 
     sft, rm = lora_stages
-    model_args, _data, backbone, ppo_args, _sampling, reward_settings, train_args = parse_config(
+    model_args, _data, backbone, ppo_args, _sampling, _rollout, reward_settings, train_args = parse_config(
         ["--config", str(TINY_PPO), f"model_name_or_path={sft}", f"reward_model={rm}", "critic_init=reward",
          "finetuning_type=lora", "shared_backbone=true", "output_dir=/tmp/unused"], ARGUMENTS)
     tokenizer = load_tokenizer(model_args)
@@ -174,6 +174,16 @@ def test_shared_backbone_ppo_runs_and_saves_a_loadable_adapter_stack(tmp_path, l
     policy = load_policy(str(out))
     assert set(policy.peft_config) == {"sft", "ppo"}
     assert all(math.isfinite(m["score"]) for m in read_metrics(out))
+
+
+def test_ppo_on_an_sft_adapter_with_the_critic_from_the_actor(tmp_path, lora_stages):
+    """The critic starts from the SFT policy's CAUSAL_LM adapter on a sequence-classification model (it failed in peft's
+    causal-LM wrapper before)."""
+    sft, _rm = lora_stages
+    out = tmp_path / "critic_from_actor"
+    assert_ok(ppo(f"model_name_or_path={sft}", "finetuning_type=lora", "critic_init=actor", f"output_dir={out}", "max_steps=2"))
+    metrics = read_metrics(out)
+    assert len(metrics) == 2 and all(math.isfinite(m["value_loss"]) and m["critic_grad_norm"] > 0 for m in metrics)
 
 
 @pytest.mark.slow
@@ -327,6 +337,7 @@ def test_rollout_logprobs_describe_the_sampler_even_when_the_model_ships_its_own
     from stages.common.config import parse_config
     from stages.common.data import build_prompt_data
     from stages.common.distributed import DistInfo
+    from stages.common.rollout import hf as hf_module
     from stages.ppo import experience as experience_module
     from stages.ppo.config import ARGUMENTS
     from stages.ppo.roles import build_roles
@@ -336,21 +347,22 @@ def test_rollout_logprobs_describe_the_sampler_even_when_the_model_ships_its_own
     settings = json.loads((model_dir / "generation_config.json").read_text())
     settings.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=3)
     (model_dir / "generation_config.json").write_text(json.dumps(settings))
-    model_args, data_args, backbone, ppo_args, sampling, reward_settings, train_args = parse_config(
+    model_args, data_args, backbone, ppo_args, sampling, _rollout, reward_settings, train_args = parse_config(
         ["--config", str(TINY_PPO), f"model_name_or_path={model_dir}", f"output_dir={tmp_path / 'out'}", "temperature=0.8",
          "max_new_tokens=10"], ARGUMENTS)
     tokenizer = load_tokenizer(model_args)
     roles = build_roles(ppo_args, model_args, backbone, train_args, tokenizer, 4, DistInfo(0, 1, 0), None, reward_settings)
     prompts = build_prompt_data(data_args, tokenizer, seed=0, max_prompt_length=sampling.max_prompt_length).train
     steps = []
-    real = experience_module.generate
-    experience_module.generate = lambda *args, **kwargs: real(*args, **kwargs, scores=steps)
+    real = hf_module.generate
+    hf_module.generate = lambda *args, **kwargs: real(*args, **kwargs, scores=steps)
     try:
         torch.manual_seed(3)
-        experience = experience_module.make_experience(roles, tokenizer, prompts, ppo_args, sampling, 0.1, len(prompts),
+        engine = hf_module.HFEngine(roles.generation_model, tokenizer, sampling, len(prompts), torch.device("cpu"))
+        experience = experience_module.make_experience(roles, engine, tokenizer, prompts, ppo_args, sampling, 0.1, len(prompts),
                                                        torch.device("cpu"))
     finally:
-        experience_module.generate = real
+        hf_module.generate = real
     sampler = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in steps], dim=1)  # (B, steps, V)
     sampled = sampler.gather(-1, experience.response_ids[:, : sampler.shape[1], None]).squeeze(-1)
     mask = experience.mask[:, : sampler.shape[1]].bool()

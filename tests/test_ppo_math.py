@@ -8,7 +8,7 @@ import torch
 
 from stages.ppo.advantages import explained_variance, gae, masked_whiten, per_token_rewards
 from stages.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from stages.ppo.losses import policy_loss, value_loss
+from stages.ppo.losses import policy_loss, truncated_is_weights, value_loss
 
 torch.manual_seed(0)
 B, T = 3, 6
@@ -96,6 +96,23 @@ def test_policy_loss_clipping_and_diagnostics():
     assert stats["clipfrac"] == pytest.approx(clipped / len(terms), abs=1e-6)
     assert stats["approx_kl"] == pytest.approx(sum(approx) / len(approx), abs=1e-6)
     assert 0 < stats["clipfrac"] < 1
+
+
+def test_truncated_importance_weights_scale_each_tokens_surrogate():
+    logp, old, engine, adv = torch.randn(B, T) * 0.3, torch.randn(B, T) * 0.3, torch.randn(B, T) * 0.5, torch.randn(B, T)
+    cap = 1.5
+    weights = truncated_is_weights(old, engine, cap)
+    loss, _ = policy_loss(logp, old, adv, MASK, clip_range=0.2, weights=weights)
+    terms, capped = [], 0
+    for b, t in cells():
+        w = min(math.exp(float(old[b, t]) - float(engine[b, t])), cap)
+        capped += w == cap
+        assert float(weights[b, t]) == pytest.approx(w, rel=1e-5)
+        ratio, a = math.exp(float(logp[b, t]) - float(old[b, t])), float(adv[b, t])
+        terms.append(w * max(-a * ratio, -a * min(max(ratio, 0.8), 1.2)))
+    assert 0 < capped < len(terms)  # the cap binds on some tokens, not all
+    assert float(loss) == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert not weights.requires_grad
 
 
 def test_value_loss_clipped_and_unclipped():

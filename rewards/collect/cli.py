@@ -81,23 +81,29 @@ def items_from_pairs(path: str, seed: int = 0) -> list[dict]:
 
 
 def items_from_models(models: list[str], prompts_file: str, seed: int, max_new_tokens: int, temperature: float,
-                      max_prompt_length: int, batch_size: int) -> list[dict]:
+                      max_prompt_length: int, batch_size: int, rollout_engine: str = "hf") -> list[dict]:
     """Two responses per prompt: one from each of two models, or two samples of one model."""
+    import torch
+
     from stages.common.backbone import load_tokenizer
-    from stages.common.loading import load_policy
     from stages.common.config import DataArguments, ModelArguments
     from stages.common.data import build_prompt_data
     from stages.common.generation import SamplingArguments, sample_responses
+    from stages.common.loading import load_policy
+    from stages.common.rollout import RolloutArguments, engine_for
 
     if len(models) not in (1, 2):
         raise ConfigError("give one model (two samples per prompt) or two models (one response each)", key="--models")
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=models[0]))
     sampling = SamplingArguments(max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, temperature=temperature)
     prompts = build_prompt_data(DataArguments(dataset=[prompts_file]), tokenizer, seed=seed, max_prompt_length=max_prompt_length).train
-    texts = []
+    texts, engine, n = [], None, 2 if len(models) == 1 else 1
+    rollout = RolloutArguments(rollout_engine=rollout_engine)
     for path in models:
-        texts.append(sample_responses(load_policy(path).eval(), tokenizer, prompts, sampling, samples_per_prompt=2 if len(models) == 1 else 1,
-                                      batch_size=batch_size, seed=seed)["texts"])
+        model = load_policy(path).eval()
+        engine = engine_for(rollout, model, path, tokenizer, sampling, batch_size, torch.device("cpu"), torch.float32,
+                            len(prompts) * n, seed, previous=engine)
+        texts.append(sample_responses(engine, tokenizer, prompts, n, batch_size, seed)["texts"])
     rng = random.Random(seed)
     items = []
     for i, prompt in enumerate(prompts):
@@ -126,6 +132,12 @@ def _check(args) -> None:
         raise ConfigError(f"{out}: the folder {Path(out).resolve().parent} does not exist", key="--out")
     if getattr(args, "models", None) and not args.prompts:
         raise ConfigError("--models needs --prompts", key="--prompts")
+    if getattr(args, "models", None) and args.rollout_engine == "vllm":
+        from stages.common.loading import adapter_base_path
+        from stages.common.rollout.vllm_engine import check_vllm_can_load
+
+        for path in args.models:
+            check_vllm_can_load(adapter_base_path(path) or path, key="--rollout-engine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--max-prompt-length", type=int, default=1024,
                              help="--models: prompts longer than this many tokens keep their last ones")
             sub.add_argument("--batch-size", type=int, default=32, help="--models: rows per generate call")
+            sub.add_argument("--rollout-engine", choices=["hf", "vllm"], default="hf",
+                             help="--models: sample with transformers' generate or a vLLM engine")
             sub.add_argument("--seed", type=int, default=0)
         if name in ("serve", "stats"):
             sub.add_argument("--labels-per-item", type=int, default=1, help="k: answers an item needs before it leaves the queue")
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         items = [item for path in args.pairs for item in items_from_pairs(path, args.seed)]
         if args.models:
             items += items_from_models(args.models, args.prompts, args.seed, args.max_new_tokens, args.temperature,
-                                       args.max_prompt_length, args.batch_size)
+                                       args.max_prompt_length, args.batch_size, args.rollout_engine)
         if items:
             print(f"[tristage] collect: {store.add_items(items)} new item(s) of {len(items)} in {args.db}", flush=True)
     if args.command == "serve":

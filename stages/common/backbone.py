@@ -108,9 +108,22 @@ def load_pretrained(auto_class, model_args: ModelArguments, backbone: BackboneAr
     if (error := missing_path(model_args.model_name_or_path, "model_name_or_path")) is not None:
         raise error
     try:
-        return auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
+        model = auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {model_args.model_name_or_path!r}: {str(err).splitlines()[0]}", key="model_name_or_path") from None
+    if backbone.finetuning_type == "qlora":
+        one_cpu_kernel(model)
+    return model
+
+
+def one_cpu_kernel(model: nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer's no-grad eval forward through a repacked bf16 kernel
+    and its training forward through fp32 dequantization: PPO's scoring pass and its update would then disagree (0.005
+    in the logits of the test model, so the first ratio is not 1) and the repacked weight no longer dequantizes for a
+    rollout engine. One path for both (a no-op elsewhere)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

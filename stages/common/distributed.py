@@ -87,6 +87,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of a few floats over all ranks."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.cpu().tolist()
+
+
 def process_count() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -261,6 +261,15 @@ class TrainingEngine:
             finally:
                 add_hooks(self.ds_engine)
 
+    def gatherer(self):
+        """None, or (under ZeRO-3) a function making a list of parameters whole inside a block: what streams the
+        weights to a rollout engine one block at a time."""
+        if self.zero_stage != 3:
+            return None
+        import deepspeed
+
+        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     @contextmanager
     def gathered_parameters(self):
         """Every rank sees the full parameters inside this block (a no-op unless ZeRO-3)."""

@@ -109,8 +109,18 @@ def model_state_matrix(shape: ModelShape, backbone, gpus: int, lm_head: bool, fr
             for kind in ("full", "lora", "qlora")}
 
 
+def vllm_engine_bytes(shape: ModelShape, rollout, train_args, gpu_memory_gib: float, seq: int) -> float:
+    """A vLLM engine in each process (tensor parallel 1): its own whole copy of the weights in the compute dtype plus its
+    KV cache (vllm_kv_cache_gb), or the share of the GPU vllm_gpu_memory_utilization gives it: at least the weights and
+    one sequence's KV cache, which vLLM needs to start."""
+    weights = weight_bytes(train_args) * shape.parameters(True)
+    if rollout.vllm_kv_cache_gb:
+        return weights + rollout.vllm_kv_cache_gb * GIB
+    return max(rollout.vllm_gpu_memory_utilization * gpu_memory_gib * GIB, weights + kv_cache_bytes(shape, seq, 1))
+
+
 def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, ppo_args, sampling, train_args, gpus: int,
-                 gpu_memory_gib: float, eager_attention: bool = False) -> Estimate:
+                 gpu_memory_gib: float, eager_attention: bool = False, rollout=None) -> Estimate:
     """The four roles: actor and critic train, reference and reward run forwards; separate models, or one shared
     base with four adapters (lora/qlora; an SFT adapter and an RM adapter assumed, as the pipeline makes them). Peak =
     all model states + the largest of generation (KV cache, and under ZeRO-3 the actor gathered in full), a no-grad
@@ -149,8 +159,9 @@ def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, p
 
     logit_bytes = 2 if frozen_bytes == 2 else 4  # under autocast the logits are 16-bit; a float32 copy is made one row at a time
     row = 2 * 4.0 * response * shape.vocab  # one row's float32 log-softmax and its gradient
-    generation = kv_cache_bytes(shape, seq, scoring_rows)  # generation runs eval-batch rows at a time
-    if zero.stage == 3:  # generation gathers the actor's shards once per rollout
+    vllm = rollout is not None and rollout.rollout_engine == "vllm"
+    generation = 0.0 if vllm else kv_cache_bytes(shape, seq, scoring_rows)  # hf: generation runs eval-batch rows at a time
+    if zero.stage == 3 and not vllm:  # generation gathers the actor's shards once per rollout (vllm: one block at a time)
         generation += 2.0 * shape.parameters(True)
     scoring = scoring_rows * response * shape.vocab * logit_bytes + row + 2.0 * scoring_rows * seq * shape.hidden
     training, training_other = (max(activation_bytes(shape, seq, micro, ckpt, False, eager_attention)
@@ -162,6 +173,13 @@ def estimate_ppo(shape: ModelShape, reward_shape: ModelShape | None, backbone, p
         "parameters": shape.parameters(True), "finetuning_type": backbone.finetuning_type, "shared_backbone": shared,
         "micro_batch": micro, "sequence_length": seq, "gradient_checkpointing": checkpointing})
     est.rows = {**roles(shared), "generation, scoring or training activations": max(generation, scoring, training)}
+    if vllm:
+        engine = vllm_engine_bytes(shape, rollout, train_args, gpu_memory_gib, seq)
+        if rollout.vllm_enable_sleep_mode:  # asleep while scoring and training: the engine or the activations, not both
+            est.rows["generation, scoring or training activations"] = max(engine, scoring, training)
+        else:
+            est.rows["vLLM engine (weights + KV cache)"] = engine
+        est.facts["rollout_engine"] = "vllm (one engine per GPU, whole weights: models larger than one GPU need tensor parallelism)"
     other = roles(not shared) if adapters else None
     if other is not None:
         est.notes = {f"model states {'separate models' if shared else 'shared backbone (no DeepSpeed; data parallel on several GPUs)'}": sum(other.values())}
@@ -185,7 +203,10 @@ def estimate_stage(stage: str, configs: tuple, gpus: int, gpu_memory_gib: float)
         from .generation import SamplingArguments
 
         sampling = next(c for c in configs if isinstance(c, SamplingArguments))
-        return estimate_ppo(shape, None, backbone, configs[3], sampling, train_args, gpus, gpu_memory_gib, eager)
+        from .rollout import RolloutArguments
+
+        rollout = next((c for c in configs if isinstance(c, RolloutArguments)), None)
+        return estimate_ppo(shape, None, backbone, configs[3], sampling, train_args, gpus, gpu_memory_gib, eager, rollout)
     return estimate_training(stage, shape, backbone, train_args, data_args.max_length, gpus, gpu_memory_gib, eager)
 
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from .data.collate import pad_rows
 from .errors import ConfigError
 from .masks import position_ids_from_mask
-from .seeds import EVAL_BATCH, derive_seed
 
 
 @dataclass
@@ -132,29 +131,20 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config,
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[dict], sampling: SamplingArguments, samples_per_prompt: int,
-                     batch_size: int, seed: int, model_defaults: bool = False) -> dict:
-    """Every prompt x ``samples_per_prompt``, ``batch_size`` rows at a time; batch b is sampled after seeding with
-    a seed derived from (seed, b), so every model sees the same random numbers (identical models give identical
-    responses). ``prompts`` are rows with ``prompt_ids``; ``model_defaults``: see ``generate``."""
-    rows = [p for p in prompts for _ in range(samples_per_prompt)]
-    config = generation_config(sampling, tokenizer, greedy=sampling.temperature <= 0)
-    device = next(model.parameters()).device
-    responses, masks, prompt_batches = [], [], []
-    for b, start in enumerate(range(0, len(rows), batch_size)):
-        batch = rows[start : start + batch_size]
-        ids, mask = left_pad([r["prompt_ids"] for r in batch], tokenizer.pad_token_id)
-        torch.manual_seed(derive_seed(seed, EVAL_BATCH, b))
-        response = generate(model, ids.to(device), mask.to(device), config, model_defaults=model_defaults).cpu()
-        responses.append(response)
-        masks.append(response_mask(response, tokenizer.eos_token_id))
-        prompt_batches.append((ids, mask))
-    texts, lengths, ended = [], [], []
-    for response, (mask, done) in zip(responses, masks):
-        texts += tokenizer.batch_decode([r[m.bool()] for r, m in zip(response, mask)], skip_special_tokens=True)
-        lengths += mask.sum(dim=1).tolist()
-        ended += done.tolist()
-    return {"texts": texts, "lengths": lengths, "ended": ended, "batches": list(zip(prompt_batches, responses, [m for m, _ in masks]))}
+def sample_responses(engine, tokenizer, prompts: list[dict], samples_per_prompt: int, batch_size: int, seed: int) -> dict:
+    """Every prompt x ``samples_per_prompt`` from a rollout engine (stages/common/rollout), the samples of a prompt
+    next to each other, drawn from ``seed``; ``prompts`` are rows with ``prompt_ids``. Also returns the rows in
+    batches of ``batch_size`` as ``sequence_logprobs`` reads them."""
+    rollouts = engine.generate([p["prompt_ids"] for p in prompts], n=samples_per_prompt, seed=seed)
+    rows = [p["prompt_ids"] for p in prompts for _ in range(samples_per_prompt)]
+    responses, eos = rollouts.response_ids, tokenizer.eos_token_id
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        prompt_batch = left_pad(rows[start : start + batch_size], tokenizer.pad_token_id)
+        response, mask = pad_rows(responses[start : start + batch_size], tokenizer.pad_token_id)
+        batches.append((prompt_batch, response, mask))
+    return {"texts": tokenizer.batch_decode(responses, skip_special_tokens=True), "lengths": [len(r) for r in responses],
+            "ended": [bool(r) and r[-1] == eos for r in responses], "batches": batches}
 
 
 @torch.no_grad()

@@ -86,12 +86,18 @@ def policy_adapters(path: str) -> list[tuple[str, str]]:
     return [("default", path)] if (Path(path) / "adapter_config.json").is_file() else []
 
 
-def attach_adapters(model: nn.Module, adapters: list[tuple[str, str]], trainable: bool = False) -> nn.Module:
-    """Load adapters onto a base model and make them all active (stacked: their deltas add up)."""
-    from peft import PeftModel
+def attach_adapters(model: nn.Module, adapters: list[tuple[str, str]], trainable: bool = False,
+                    causal_lm: bool = True) -> nn.Module:
+    """Load adapters onto a base model and make them all active (stacked: their deltas add up). ``causal_lm=False``: a
+    critic or reward model starting from the SFT policy's CAUSAL_LM adapter: peft's plain PeftModel wraps it (its
+    causal-LM class needs generation methods, its classification class a saved score head)."""
+    from peft import PeftConfig, PeftModel
 
     (first, first_dir), rest = adapters[0], adapters[1:]
-    model = PeftModel.from_pretrained(model, first_dir, adapter_name=first, is_trainable=trainable)
+    config = PeftConfig.from_pretrained(first_dir)
+    if not causal_lm:
+        config.task_type = None
+    model = PeftModel.from_pretrained(model, first_dir, adapter_name=first, is_trainable=trainable, config=config)
     for name, directory in rest:
         model.load_adapter(directory, adapter_name=name, is_trainable=trainable)
     model.base_model.set_adapter([name for name, _ in adapters])

@@ -30,6 +30,7 @@ from stages.common.loading import inference_device, inference_dtype, load_policy
 from stages.common.config import ModelArguments, parse_config
 from stages.common.data import build_prompt_data
 from stages.common.generation import sample_responses, sequence_logprobs
+from stages.common.rollout import engine_for
 
 from .config import ARGUMENTS
 from .stats import mean_with_ci, win_rate_with_ci
@@ -50,25 +51,28 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def sample_models(eval_args, names: list[str], tokenizer, prompts: list[dict], sampling, device, dtype) -> dict:
+def sample_models(eval_args, rollout_args, names: list[str], tokenizer, prompts: list[dict], sampling, device, dtype) -> dict:
     """Each model's responses and their KL to the reference, with one model in memory besides the reference. The
     reference loads once and, when it is one of the models (by default the first), is that model; everything is
-    freed before the judges load."""
+    freed before the judges load. A vLLM engine starts once and is given each model's weights in turn."""
     reference_path = eval_args.reference_model or eval_args.models[0]
     reference = load_policy(reference_path, dtype=dtype, device=device).eval()
-    samples = {}
+    samples, engine, rows = {}, None, len(prompts) * eval_args.samples_per_prompt
     for name, path in zip(names, eval_args.models):
         is_reference = Path(path).resolve() == Path(reference_path).resolve()
         model = reference if is_reference else load_policy(path, dtype=dtype, device=device).eval()
-        print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path})", flush=True)
-        samples[name] = sample_responses(model, tokenizer, prompts, sampling, eval_args.samples_per_prompt, eval_args.batch_size,
-                                         eval_args.seed, model_defaults=eval_args.use_model_generation_config)
+        print(f"[tristage] eval: sampling {len(prompts)} x {eval_args.samples_per_prompt} responses from {name} ({path}) "
+              f"with {rollout_args.rollout_engine}", flush=True)
+        engine = engine_for(rollout_args, model, path, tokenizer, sampling, eval_args.batch_size, device, dtype, rows, eval_args.seed,
+                            previous=engine, model_defaults=eval_args.use_model_generation_config)
+        samples[name] = sample_responses(engine, tokenizer, prompts, eval_args.samples_per_prompt, eval_args.batch_size,
+                                         eval_args.seed)
         own = sequence_logprobs(model, samples[name]["batches"], sampling.temperature)
         ref = own if is_reference else sequence_logprobs(reference, samples[name]["batches"], sampling.temperature)
         samples[name]["kl"] = [a - b for a, b in zip(own, ref)]  # E_model[log model - log ref] = KL(model || ref)
         del model
         release_memory()
-    del reference
+    del reference, engine
     release_memory()
     return samples
 
@@ -160,8 +164,8 @@ def export_pairs(path: str, prompts: list[dict], names: list[str], texts: dict, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, eval_args, sampling, reward_settings = parse_config(sys.argv[1:] if argv is None else argv, ARGUMENTS)
-    eval_args.validate()
+    data_args, eval_args, sampling, rollout_args, reward_settings = parse_config(sys.argv[1:] if argv is None else argv, ARGUMENTS)
+    eval_args.validate(rollout_args)
     names = model_names(eval_args)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=eval_args.models[0]))
     prompts = build_prompt_data(data_args, tokenizer, seed=eval_args.seed, max_prompt_length=sampling.max_prompt_length).train
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = inference_device(eval_args.device)
     dtype = inference_dtype(eval_args.dtype, device)
-    samples = sample_models(eval_args, names, tokenizer, prompts, sampling, device, dtype)
+    samples = sample_models(eval_args, rollout_args, names, tokenizer, prompts, sampling, device, dtype)
 
     shape = (len(prompts), eval_args.samples_per_prompt)
     prompt_messages = [p["prompt"] for p in prompts for _ in range(eval_args.samples_per_prompt)]
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     scores = {name: {judge: np.array(values).reshape(shape) for judge, values in judged[name].items()} for name in names}
 
     rounds, seed = eval_args.bootstrap_samples, eval_args.seed
-    report = {"settings": {**asdict(eval_args), **asdict(sampling), "model_names": names, "num_prompts": len(prompts),
+    report = {"settings": {**asdict(eval_args), **asdict(sampling), **asdict(rollout_args), "model_names": names, "num_prompts": len(prompts),
                            "datasets": data_args.dataset, "loaded_as": {"device": str(device), "dtype": str(dtype).split(".")[-1]}},
               "models": {}, "win_rates": [], "examples": []}
     for name, path in zip(names, eval_args.models):

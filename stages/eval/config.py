@@ -2,6 +2,7 @@
 Value checks run when the config is parsed; ``validate`` checks what exists on disk, when eval starts."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,10 @@ from stages.common.config import DataArguments
 from stages.common.config_files import DEFAULT_EVAL_OUTPUT_DIR
 from stages.common.errors import ConfigError
 from stages.common.generation import SamplingArguments
-from stages.common.loading import check_device_and_dtype
+from stages.common.loading import adapter_base_path, check_device_and_dtype
+from stages.common.rollout import RolloutArguments, refuse_unsupported
+
+PROMPT_LEARNING = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
 
 
 @dataclass
@@ -49,7 +53,7 @@ class EvalArguments:
                 raise ConfigError("must be >= 1", key=key)
         check_device_and_dtype(self.device, self.dtype)
 
-    def validate(self) -> None:
+    def validate(self, rollout: RolloutArguments) -> None:
         """What must exist when eval starts (not when a pipeline parses the config, before the models are trained)."""
         if not self.models:
             raise ConfigError("give one or more model directories to evaluate (two or more to compare them)", key="models")
@@ -57,6 +61,19 @@ class EvalArguments:
             if not Path(path).is_dir():
                 raise ConfigError(f"{path!r} is not a model directory", key="models" if path in self.models else "reference_model")
         check_specs(self.judges, key="judges")
+        if rollout.rollout_engine == "vllm":
+            from stages.common.rollout.vllm_engine import check_vllm_can_load
+
+            if self.use_model_generation_config:
+                raise ConfigError("a model's generation_config.json reaches transformers' generate only; with rollout_engine: "
+                                  "vllm use the sampling keys (or rollout_engine: hf)", key="use_model_generation_config")
+            refuse_unsupported(rollout)
+            for path in self.models:
+                adapter = Path(path) / "adapter_config.json"
+                if adapter.is_file() and json.loads(adapter.read_text()).get("peft_type") in PROMPT_LEARNING:
+                    raise ConfigError(f"{path} is a P-tuning adapter, whose virtual tokens a vLLM engine has no place for; use "
+                                      "rollout_engine: hf", key="rollout_engine")
+                check_vllm_can_load(adapter_base_path(path) or path)
 
 
-ARGUMENTS = (DataArguments, EvalArguments, SamplingArguments, RewardSourceArguments)
+ARGUMENTS = (DataArguments, EvalArguments, SamplingArguments, RolloutArguments, RewardSourceArguments)

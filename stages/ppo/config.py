@@ -9,6 +9,8 @@ from rewards.sources import RewardSourceArguments, check_specs, is_model_source
 from stages.common.config import BackboneArguments, DataArguments, ModelArguments, TrainArguments
 from stages.common.errors import ConfigError
 from stages.common.generation import SamplingArguments
+from stages.common.loading import adapter_base_path
+from stages.common.rollout import RolloutArguments, refuse_unsupported
 
 CRITIC_INITS = ("reward", "actor")
 KL_ESTIMATORS = ("k1", "k3")
@@ -59,6 +61,9 @@ class PPOArguments:
     ptx_dataset: list[str] | None = field(default=None, metadata={"help": "SFT-format data for the ptx loss."})
     ema_decay: float = field(default=0.0, metadata={"help": "Keep an EMA of the actor (saved to output_dir/ema); 0 = off. E.g. 0.992."})
     disable_dropout: bool = field(default=True, metadata={"help": "Dropout off in every role, so rollout and update log-probs agree."})
+    rollout_is_cap: float = field(default=0.0, metadata={
+        "help": "rollout_engine vllm: weigh each token's policy loss by min(pi_old / pi_engine, cap), truncated importance "
+                "sampling for the gap between the engine's numbers and the training model's; 0 = off."})
 
     def __post_init__(self):
         if self.critic_init not in CRITIC_INITS:
@@ -74,6 +79,8 @@ class PPOArguments:
                 raise ConfigError("must be >= 1", key=key)
         if self.kl_target <= 0:
             raise ConfigError("must be > 0", key="kl_target")
+        if self.rollout_is_cap < 0:
+            raise ConfigError("must be >= 0 (0 = off)", key="rollout_is_cap")
 
     def reward_models(self) -> list[str]:
         """The reward sources that are reward-model directories (not rules or servers)."""
@@ -82,9 +89,18 @@ class PPOArguments:
     def first_reward_model(self) -> str | None:
         return next(iter(self.reward_models()), None)
 
-    def validate(self, backbone: BackboneArguments, sampling: SamplingArguments, train_args) -> list[str]:
+    def validate(self, backbone: BackboneArguments, sampling: SamplingArguments, train_args, rollout: RolloutArguments,
+                 model_path: str) -> list[str]:
         """The checks that involve other keys or the disk, before anything loads. In a dry run a reward-model directory
         that does not exist yet (the rm stage has not run) is returned instead of refused."""
+        if self.rollout_is_cap > 0 and rollout.rollout_engine != "vllm":
+            raise ConfigError("weighs the gap between a vLLM engine's log-probs and the actor's; the hf engine samples with "
+                              "the actor itself (use it with rollout_engine: vllm)", key="rollout_is_cap")
+        refuse_unsupported(rollout, backbone.finetuning_type)
+        if rollout.rollout_engine == "vllm" and not train_args.dry_run:
+            from stages.common.rollout.vllm_engine import check_vllm_can_load
+
+            check_vllm_can_load(adapter_base_path(model_path) or model_path)
         if sampling.temperature <= 0:
             raise ConfigError("must be > 0 for PPO: rollouts are sampled", key="temperature")
         if self.shared_backbone and backbone.finetuning_type not in ("lora", "qlora"):
@@ -99,4 +115,5 @@ class PPOArguments:
         return not_yet
 
 
-ARGUMENTS = (ModelArguments, DataArguments, BackboneArguments, PPOArguments, SamplingArguments, RewardSourceArguments, TrainArguments)
+ARGUMENTS = (ModelArguments, DataArguments, BackboneArguments, PPOArguments, SamplingArguments, RolloutArguments, RewardSourceArguments,
+             TrainArguments)

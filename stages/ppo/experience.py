@@ -13,11 +13,12 @@ import torch
 
 from stages.common.data import pad_rows
 from stages.common.distributed import all_reduce_sum, any_rank, process_count
-from stages.common.generation import (generate, generation_config, join, left_pad, response_logits, response_mask, token_entropy,
-                                      token_logprobs)
+from stages.common.distributed import all_reduce_max
+from stages.common.generation import join, left_pad, response_logits, response_mask, token_entropy, token_logprobs
 
 from .advantages import explained_variance, gae, masked_mean, masked_whiten, per_token_rewards
 from .kl import kl_estimate
+from .losses import truncated_is_weights
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     stats: dict
+    is_weights: torch.Tensor | None = None  # truncated importance weights for the engine's sampling (rollout_is_cap)
 
     def inputs(self, rows: torch.Tensor) -> dict:
         return join(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows], self.mask[rows])
@@ -47,32 +49,38 @@ def _in_chunks(count: int, size: int):
 
 
 @torch.no_grad()
-def make_experience(roles, tokenizer, rows: list[dict], ppo_args, sampling, beta: float, inference_batch: int,
-                    device) -> Experience | None:
-    """Generation and the no-grad passes run ``inference_batch`` rows at a time (per_device_eval_batch_size):
-    for small models the per-token overhead of ``generate`` dominates, so fewer, larger calls are faster.
-    Returns None (on every rank) when a score, log-prob or value is not finite: the iteration is skipped."""
+def make_experience(roles, engine, tokenizer, rows: list[dict], ppo_args, sampling, beta: float, inference_batch: int,
+                    device, seed: int | None = None) -> Experience | None:
+    """The rollout engine samples every row (hf: ``inference_batch`` rows per generate call, since for small models the
+    per-token overhead of ``generate`` dominates; vllm: all at once, drawn from ``seed``); the no-grad passes run
+    ``inference_batch`` rows at a time. Returns None (on every rank) when a score, log-prob or value is not finite:
+    the iteration is skipped."""
     started = time.time()
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
-    # 1. Generate (the actor's shards gathered once for all of it under ZeRO-3).
-    config = generation_config(sampling, tokenizer)
-    with roles.generation_model() as policy:
-        pieces = [generate(policy, prompt_ids[c], prompt_mask[c], config) for c in _in_chunks(len(rows), inference_batch)]
-    response_ids, _ = pad_rows([row for piece in pieces for row in piece], tokenizer.pad_token_id)
+    # 1. Generate.
+    rollouts = engine.generate([r["prompt_ids"] for r in rows], n=1, seed=seed)
+    engine.sleep()  # vLLM's sleep mode hands the GPU memory back for scoring and the update
+    response_ids, _ = pad_rows(rollouts.response_ids, tokenizer.pad_token_id)
+    rollout_logprobs = None
+    if rollouts.logprobs is not None:
+        rollout_logprobs = torch.zeros(response_ids.shape)
+        for i, row in enumerate(rollouts.logprobs):
+            rollout_logprobs[i, : len(row)] = torch.tensor(row)
     timing = {"started": started, "generated": time.time()}
-    return score_rollouts(roles, tokenizer, rows, prompt_ids, prompt_mask, response_ids, ppo_args, sampling, beta, inference_batch,
-                          timing)
+    return score_rollouts(roles, tokenizer, rows, prompt_ids, prompt_mask, response_ids.to(device), ppo_args, sampling, beta,
+                          inference_batch, timing, rollout_logprobs.to(device) if rollout_logprobs is not None else None)
 
 
 @torch.no_grad()
 def score_rollouts(roles, tokenizer, rows: list[dict], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    response_ids: torch.Tensor, ppo_args, sampling, beta: float, inference_batch: int,
-                   timing: dict | None = None) -> Experience | None:
+                   timing: dict | None = None, rollout_logprobs: torch.Tensor | None = None) -> Experience | None:
     """Everything the update needs from sampled responses: scores, log-probs, values, KL-penalized per-token rewards,
     advantages and returns (DeepSpeed-Chat's "compute rewards"). Whitening uses every rank's rollout, so the result
-    does not depend on how many processes share it."""
+    does not depend on how many processes share it. ``rollout_logprobs``: the engine's log-probs of the sampled tokens,
+    compared with the actor's (``rollout_logprob_diff``); the ratio always uses the actor's own."""
     device = prompt_ids.device
     timing = timing or {"started": time.time(), "generated": time.time()}
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
@@ -118,7 +126,15 @@ def score_rollouts(roles, tokenizer, rows: list[dict], prompt_ids: torch.Tensor,
         advantages = masked_whiten(advantages, maskf, reduce=across_ranks)
 
     lengths = maskf.sum(dim=1)
-    stats = {
+    is_weights, engine_stats = None, {}
+    if rollout_logprobs is not None:  # the engine's numbers against the training model's, as OpenRLHF and verl monitor them
+        gap = (logprobs - rollout_logprobs).abs() * maskf
+        engine_stats = {"rollout_logprob_diff_mean": float(gap.sum() / maskf.sum().clamp(min=1)),
+                        "rollout_logprob_diff_max": all_reduce_max([float(gap.max())])[0]}
+        if ppo_args.rollout_is_cap > 0:
+            is_weights = truncated_is_weights(logprobs, rollout_logprobs, ppo_args.rollout_is_cap)
+            engine_stats["rollout_is_weight_mean"] = float(masked_mean(is_weights, maskf))
+    stats = {**engine_stats,
         "score_raw": float(raw.mean()), "score": float(normalized.mean()), "reward_total": float(rewards.sum(dim=1).mean()),
         "kl": float(kl.sum(dim=1).mean()), "entropy": float(masked_mean(entropy, maskf)),
         "response_length": float(lengths.mean()), "no_eos_rate": float((~ended).float().mean()),
@@ -126,4 +142,4 @@ def score_rollouts(roles, tokenizer, rows: list[dict], prompt_ids: torch.Tensor,
         "rollout_time": time.time() - timing["started"], "generation_time": timing["generated"] - timing["started"],
         "generated_tokens": float(lengths.sum()),
     }
-    return Experience(prompt_ids, prompt_mask, response_ids, mask, logprobs, values, advantages, returns, stats)
+    return Experience(prompt_ids, prompt_mask, response_ids, mask, logprobs, values, advantages, returns, stats, is_weights)

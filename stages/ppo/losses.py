@@ -6,15 +6,25 @@ import torch
 from .advantages import masked_mean
 
 
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling for a rollout engine whose numbers differ from the training model's: per token
+    min(π_old / π_rollout, cap), where π_old is the training actor's probability of the token when the rollout was
+    scored and π_rollout the engine's, which actually sampled it (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"). A constant: no gradient flows through it."""
+    return torch.exp(old_logprobs - rollout_logprobs).clamp(max=cap).detach()
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: mean over response tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
-    Diagnostics: clipfrac (share of tokens where clipping binds) and approx_kl = mean ½(log ρ)²."""
+                clip_range: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate: mean over response tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old, each token's
+    term times ``weights`` when given (truncated_is_weights). Diagnostics: clipfrac (share of tokens where clipping
+    binds) and approx_kl = mean ½(log ρ)²."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token * weights if weights is not None else per_token, mask)
     with torch.no_grad():
         stats = {"clipfrac": float(masked_mean((clipped > unclipped).float(), mask)),
                  "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask))}

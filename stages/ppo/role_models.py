@@ -85,14 +85,14 @@ def load_critic_model(ppo_args, model_args, backbone, train_args, pad_token_id: 
         zero_head(score_head(model))
     if backbone.finetuning_type == "full":
         if adapters:
-            model = attach_adapters(model, adapters).merge_and_unload()
+            model = attach_adapters(model, adapters, causal_lm=False).merge_and_unload()
         return RewardModel(apply_backbone(model, backbone, train_args, task_type="SEQ_CLS", head_modules=SCORE_HEAD))
     if ppo_args.critic_init == "reward" and len(adapters) == 1:  # keep training the RM's own adapter and head
         model = PeftModel.from_pretrained(prepare_for_training(model, backbone, train_args), adapters[0][1], is_trainable=True)
         upcast_unless_deepspeed(model, train_args)
         return RewardModel(model)
     if adapters:
-        model = attach_adapters(prepare_for_training(model, backbone, train_args), adapters)
+        model = attach_adapters(prepare_for_training(model, backbone, train_args), adapters, causal_lm=False)
         model.add_adapter(CRITIC_ADAPTER, peft_config(backbone, "SEQ_CLS", SCORE_HEAD))
         model.base_model.set_adapter([name for name, _ in adapters] + [CRITIC_ADAPTER])
         mark_trainable(model, [CRITIC_ADAPTER])

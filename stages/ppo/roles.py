@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from rewards.sources import Reward, build_reward, is_model_source
 from stages.common.backbone import compute_dtype, peft_config
 from stages.common.loading import adapter_base_path, load_policy, policy_adapters
 from stages.common.engine import TrainingEngine, frozen_model, zero_stage
+from stages.common.rollout.weights import policy_weights
 
 from .role_models import (CRITIC_ADAPTER, PPO_ADAPTER, REWARD_ADAPTER, SharedBackbone, SharedRewardView, actor_quantization,
                           critic_train_args, disable_dropout, load_actor_model, load_critic_model, save_policy, split_reward_adapter)
@@ -44,6 +45,9 @@ class Roles(Protocol):
 
     def generation_model(self) -> ContextManager[nn.Module]:
         """The policy, ready for ``generate``, inside the block (under the training precision's autocast)."""
+
+    def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The actor's weights as a checkpoint names them, streamed (for a vLLM rollout engine; rollout/weights.py)."""
 
     def actor_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
         """The actor's logits at the last ``keep`` positions (0: all): PPO needs only the response's, and a
@@ -105,6 +109,9 @@ class SeparateRoles:
         self.actor.train(False)
         with self.actor.generation_model() as model, self.actor.forward_context():
             yield model
+
+    def policy_weights(self):
+        return policy_weights(self.actor.module, self.actor.gatherer())
 
     def actor_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
         with self.actor.forward_context():
@@ -201,6 +208,10 @@ class SharedRoles:
         self.shared.use("actor")
         with self.actor.forward_context():
             yield self.shared.peft_model
+
+    def policy_weights(self):
+        self.shared.use("actor")  # base + SFT adapter + PPO adapter: the stack the actor computes with
+        return policy_weights(self.shared.peft_model)
 
     def actor_logits(self, inputs: dict, keep: int = 0) -> torch.Tensor:
         with self.actor.forward_context():

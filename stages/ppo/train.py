@@ -26,7 +26,7 @@ from stages.common.errors import ConfigError
 from stages.common.loop import (TRAINER_STATE, NonFiniteStreak, atomic_checkpoint, check_finite_weights, find_checkpoint,
                                 refuse_model_only)
 from stages.common.plots import plot_curves
-from stages.common.seeds import PROMPT_ORDER, derive_seed
+from stages.common.seeds import PROMPT_ORDER, ROLLOUT_SAMPLES, derive_seed
 from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
 
@@ -72,6 +72,23 @@ def kl_controller(ppo_args):
     return FixedKLController(ppo_args.init_kl_coef)
 
 
+def rollout_engine(args, roles, model_args, tokenizer, sampling, train_args, rows: int, dist):
+    """hf: generate with the actor (gathered once per rollout under ZeRO-3); vllm: an engine in this process for this
+    rank's rows, built from the actor's config (an adapter's base) with no weights until the first load_weights."""
+    if args.rollout_engine == "hf":
+        from stages.common.rollout.hf import HFEngine
+
+        return HFEngine(roles.generation_model, tokenizer, sampling, train_args.per_device_eval_batch_size, dist.device)
+    from stages.common.backbone import compute_dtype
+    from stages.common.loading import adapter_base_path
+    from stages.common.rollout.vllm_engine import VLLMEngine
+
+    path = model_args.model_name_or_path
+    return VLLMEngine(adapter_base_path(path) or path, tokenizer, sampling, args, compute_dtype(train_args), rows,
+                      train_args.seed + dist.rank, tokenizer_dir=model_args.tokenizer_name_or_path or path,
+                      trust_remote_code=model_args.trust_remote_code)
+
+
 def check_finite_roles(roles, what: str) -> None:
     """No checkpoint or model with a NaN/inf weight is written; every rank checks its shards and all agree, so no
     rank waits in a gather that another rank never reaches."""
@@ -97,9 +114,9 @@ def save_models(roles, tokenizer, output_dir: Path, ema: ActorEMA | None, dist) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, backbone_args, ppo_args, sampling, reward_settings, train_args = parse_config(
+    model_args, data_args, backbone_args, ppo_args, sampling, rollout_args, reward_settings, train_args = parse_config(
         sys.argv[1:] if argv is None else argv, ARGUMENTS)
-    not_trained_yet = ppo_args.validate(backbone_args, sampling, train_args)
+    not_trained_yet = ppo_args.validate(backbone_args, sampling, train_args, rollout_args, model_args.model_name_or_path)
     dist, tokenizer = start_stage("ppo", model_args, backbone_args, train_args)
     per_rank = check_batch_sizes(ppo_args, train_args, dist.world_size)
     prompt_data = build_prompt_data(data_args, tokenizer, seed=train_args.seed, max_prompt_length=sampling.max_prompt_length)
@@ -125,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      "not_found_yet": not_trained_yet})
     ds_config = resolve_deepspeed_config(train_args, dist)
     if dist.is_main:
-        save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, sampling, reward_settings,
-                             train_args)
+        save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, ppo_args, sampling, rollout_args,
+                             reward_settings, train_args)
         prompt_data.save_report(train_args.output_dir)
 
     roles = build_roles(ppo_args, model_args, backbone_args, train_args, tokenizer, optimizer_steps, dist, ds_config, reward_settings)
@@ -138,11 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(train_args.output_dir)
     tracker = RunTracker(str(output_dir), train_args.report_to if dist.is_main else [], iterations, enabled=dist.is_main,
                          title="ppo", columns=TABLE_COLUMNS, settings=train_args)
+    sampler = rollout_engine(rollout_args, roles, model_args, tokenizer, sampling, train_args, per_rank, dist)
     tracker.message(
         f"ppo: {backbone_args.finetuning_type}{' shared backbone' if ppo_args.shared_backbone else ''}, actor trains {trainable:,} "
         f"of {total:,} parameters, {roles.models_in_memory} model(s) in memory, {len(prompts)} prompts, {iterations} iterations "
         f"x {ppo_args.rollout_batch_size} rollouts, {dist.world_size} process(es), "
-        f"{'ZeRO-' + str(roles.actor.zero_stage) if ds_config else 'no DeepSpeed'}")
+        f"{'ZeRO-' + str(roles.actor.zero_stage) if ds_config else 'no DeepSpeed'}, rollouts by {sampler.name}")
 
     start_iteration = 0
     checkpoint = find_checkpoint(train_args)
@@ -161,12 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {}
     skipped_iterations = 0
     nonfinite = NonFiniteStreak(train_args.max_nonfinite_steps, "PPO iterations")
+    weights_changed = True  # the engine starts with no weights of its own
     for iteration in range(start_iteration, iterations):
         picks = iteration_prompts(len(prompts), iteration, ppo_args.rollout_batch_size, train_args.seed)
         rows = [prompts[i] for i in picks[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
         beta = kl_ctl.beta
-        experience = make_experience(roles, tokenizer, rows, ppo_args, sampling, beta, train_args.per_device_eval_batch_size,
-                                     dist.device)
+        sync_started = time.time()
+        if weights_changed:
+            sampler.load_weights(roles.policy_weights())  # a no-op for hf, which generates with the actor itself
+        sync_time = time.time() - sync_started
+        seed = derive_seed(train_args.seed, ROLLOUT_SAMPLES, iteration, dist.rank) if sampler.name == "vllm" else None
+        experience = make_experience(roles, sampler, tokenizer, rows, ppo_args, sampling, beta, train_args.per_device_eval_batch_size,
+                                     dist.device, seed)
         nonfinite.update(experience is None, iteration + 1)
         if experience is None:
             skipped_iterations += 1
@@ -175,15 +199,18 @@ def main(argv: list[str] | None = None) -> dict:
         train_started = time.time()
         update = ppo_update(roles, experience, ppo_args, sampling.temperature, train_args, iteration, ema, ptx)
         train_time = time.time() - train_started
+        weights_changed = True
 
         rollout_stats = experience.stats
-        keys = [k for k in sorted(rollout_stats) if not k.endswith("_time")]
+        keys = [k for k in sorted(rollout_stats) if not k.endswith("_time") and not k.endswith("_max")]
         averaged = dict(zip(keys, all_reduce_sum([rollout_stats[k] for k in keys])))
         generated_tokens = averaged.pop("generated_tokens")
         metrics = {k: v / dist.world_size for k, v in averaged.items()}
+        metrics.update({k: v for k, v in rollout_stats.items() if k.endswith("_max")})  # already the max over ranks
         kl_ctl.update(metrics["kl"], ppo_args.rollout_batch_size)  # Ziegler et al.: n = rollouts in this batch
         metrics.update(update)
         metrics.update({"beta": beta, "next_beta": kl_ctl.beta, "rollout_time": rollout_stats["rollout_time"], "train_time": train_time,
+                        "weight_sync_time": sync_time,
                         "tokens_per_second": generated_tokens / max(rollout_stats["generation_time"], 1e-9),
                         "learning_rate": roles.actor.learning_rate(), "skipped_iterations": skipped_iterations})
         tracker.advance_to(iteration + 1, f"score {metrics['score']:.3f} kl {metrics['kl']:.3f}")

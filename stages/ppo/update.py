@@ -58,8 +58,9 @@ def ppo_update(roles, experience: Experience, ppo_args, temperature: float, trai
 
                 logits = response_logits(roles.actor_logits(inputs, keep=width + 1), width)
                 logprobs = token_logprobs(logits, experience.response_ids[rows], temperature)
+                weights = experience.is_weights[rows] if experience.is_weights is not None else None
                 pg_loss, pg_stats = policy_loss(logprobs, experience.logprobs[rows], experience.advantages[rows], mask,
-                                                ppo_args.clip_range)
+                                                ppo_args.clip_range, weights)
                 actor_loss = pg_loss
                 if ptx is not None:
                     n = ((iteration * ppo_args.ppo_epochs + epoch) * updates_per_epoch + update) * accumulation + m
