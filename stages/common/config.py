@@ -39,7 +39,7 @@ class ModelArguments:
     model_name_or_path: str = field(default=None, metadata={"help": "Hub name or local directory of the base (or SFT) model."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
     trust_remote_code: bool = False
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2; None = transformers' default."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager | sdpa | flash_attention_2; None = transformers' default, eager for a checkpoint that soft-caps attention (Gemma2)."})
     chat_template: str | None = field(
         default=None, metadata={"help": "Jinja chat template (or a path to a file holding one) to use instead of the tokenizer's own."}
     )

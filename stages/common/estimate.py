@@ -197,8 +197,10 @@ def estimate_stage(stage: str, configs: tuple, gpus: int, gpu_memory_gib: float)
         raise ConfigError("--estimate applies to sft, rm and ppo", key="stage")
     model_args, data_args, backbone = configs[0], configs[1], configs[2]
     train_args = configs[-1]
-    shape = ModelShape.from_config(load_model_config(model_args))
-    eager = model_args.attn_implementation == "eager"
+    config = load_model_config(model_args)
+    shape = ModelShape.from_config(config)
+    # unset attention: transformers' sdpa, but eager for a checkpoint that soft-caps attention (backbone.attention_kwargs)
+    eager = (model_args.attn_implementation or ("eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa")) == "eager"
     if stage == "ppo":
         from .generation import SamplingArguments
 

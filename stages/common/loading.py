@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import one_cpu_kernel, quantization_config
+from .backbone import attention_kwargs, one_cpu_kernel, quantization_config
 from .config import BackboneArguments
 from .errors import ConfigError
 
@@ -117,12 +117,13 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32, quantization="tra
     if base_path is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      quantization_config=None if quantization == "trained" else quantization,
-                                                     **placement(device))
+                                                     **placement(device), **attention_kwargs(path, None, trust_remote_code))
         one_cpu_kernel(model)
         return model
     if quantization == "trained":
         quantization = trained_quantization(path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, quantization_config=quantization,
-                                                 trust_remote_code=trust_remote_code, **placement(device))
+                                                 trust_remote_code=trust_remote_code, **placement(device),
+                                                 **attention_kwargs(base_path, None, trust_remote_code))
     one_cpu_kernel(model)  # score with the kernel training used
     return attach_adapters(model, policy_adapters(path))
