@@ -15,7 +15,8 @@ ESTIMATORS = {
     "dr_grpo": ["advantage_estimator=grpo", "grpo_scale_by_std=false", "kl_in=loss", "kl_estimator=k2",
                 "loss_aggregation=seq_mean_token_sum"],
     "rloo": ["advantage_estimator=rloo", "kl_in=reward", "kl_estimator=k1", "loss_aggregation=seq_mean_token_mean"],
-    "reinforce_pp": ["advantage_estimator=reinforce_pp", "kl_in=reward", "kl_estimator=k2"],
+    # in the reward, k1 (OpenRLHF's and verl's advice): with k2 there, beta 2 held the KL only to 0.7x of beta 0.01's
+    "reinforce_pp": ["advantage_estimator=reinforce_pp", "kl_in=reward", "kl_estimator=k1", "loss_aggregation=seq_mean_token_sum"],
     "reinforce_pp_baseline": ["advantage_estimator=reinforce_pp_baseline", "kl_in=reward", "kl_estimator=k1"],
 }
 
