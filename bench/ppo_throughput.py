@@ -31,12 +31,16 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return model, demo / "data" / "prompts_train.jsonl"
 
 
-def tristage_side(work: Path, model: Path, prompts: Path, generation_batch: int = EPISODES, extra: list[str] = ()) -> dict:
+def tristage_side(work: Path, model: Path, prompts: Path, generation_batch: int = EPISODES, extra: list[str] = (),
+                  estimator: tuple[str, ...] = ("critic_init=actor",), samples_per_prompt: int = 1) -> dict:
+    """Stage 3 with EPISODES rollouts per update: EPISODES / samples_per_prompt prompts, each sampled that often."""
+    from bench.common import peak_rss_bytes
     from stages.ppo.train import main
 
     out = work / f"tristage-ppo-{time.time_ns()}"
-    main([f"model_name_or_path={model}", f"dataset=[{prompts}]", "reward_model=[rule:keyword:e]", "critic_init=actor",
-          "finetuning_type=full", f"output_dir={out}", f"rollout_batch_size={EPISODES}", "max_prompt_length=64",
+    main([f"model_name_or_path={model}", f"dataset=[{prompts}]", "reward_model=[rule:keyword:e]", *estimator,
+          f"samples_per_prompt={samples_per_prompt}", "finetuning_type=full", f"output_dir={out}",
+          f"rollout_batch_size={EPISODES // samples_per_prompt}", "max_prompt_length=64",
           f"max_new_tokens={NEW_TOKENS}", "temperature=1.0", "init_kl_coef=0.05", "adaptive_kl=false", "ppo_epochs=1",
           f"per_device_train_batch_size={MICRO}", f"gradient_accumulation_steps={ACCUMULATION}", f"per_device_eval_batch_size={generation_batch}",
           "learning_rate=1e-5", "lr_scheduler_type=constant", f"max_steps={ITERATIONS}", "save_strategy=no", "report_to=none",
@@ -47,7 +51,8 @@ def tristage_side(work: Path, model: Path, prompts: Path, generation_batch: int 
     tokens = sum(m["response_length"] * EPISODES for m in steady)
     return {"episodes_per_second": EPISODES * len(steady) / seconds, "tokens_per_second": tokens / seconds,
             "rollout_share": sum(m["rollout_time"] for m in steady) / seconds,
-            "update_share": sum(m["train_time"] for m in steady) / seconds}
+            "update_share": sum(m["train_time"] for m in steady) / seconds, "peak_rss_bytes": peak_rss_bytes(),
+            "final_score": metrics[-1]["score"], "final_kl": metrics[-1]["kl"]}
 
 
 def trl_side(work: Path, model_dir: Path, prompts: Path) -> dict:

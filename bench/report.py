@@ -64,9 +64,24 @@ def rows() -> list[str]:
         out.append(f"| PPO episodes/s, rollout_engine vllm vs hf | {eps['vllm']['median']:.1f} | {eps['hf']['median']:.1f} | {r(ppo['vllm_over_hf'])} | |")
         out.append(f"| PPO episodes/s, rollout_engine vllm vs TRL RLOOTrainer | {eps['vllm']['median']:.1f} | {eps['trl']['median']:.1f} | "
                    f"{r(ppo['vllm_over_trl_rloo'])} | ≥ 1.5×: {verdict(ppo['vllm_over_trl_rloo']['median'], 1.5, True)} |")
+    if (free := load("critic_free")):
+        eps, rss = free["episodes_per_second"], free["peak_rss_gib"]
+        out.append(f"| rloo episodes/s vs TRL RLOOTrainer (hf generate both) | {eps['rloo']['median']:.1f} | {eps['trl-rloo']['median']:.1f} | "
+                   f"{r(free['rloo_over_trl_rloo'])} | ≥ 1.0×: {verdict(free['rloo_over_trl_rloo']['median'], 1.0, True)} |")
+        if "rloo_vllm_over_trl_rloo" in free:
+            out.append(f"| rloo episodes/s, rollout_engine vllm vs TRL RLOOTrainer | {eps['rloo-vllm']['median']:.1f} | "
+                       f"{eps['trl-rloo']['median']:.1f} | {r(free['rloo_vllm_over_trl_rloo'])} | "
+                       f"≥ 2×: {verdict(free['rloo_vllm_over_trl_rloo']['median'], 2.0, True)} |")
+        out.append(f"| grpo vs gae (the critic's cost), episodes/s | {eps['grpo']['median']:.1f} | {eps['gae']['median']:.1f} | "
+                   f"{r(free['grpo_over_gae_episodes'])} | |")
+        out.append(f"| grpo vs gae, peak RSS (GiB) | {rss['grpo']['median']:.2f} | {rss['gae']['median']:.2f} | {r(free['grpo_over_gae_peak_rss'])} | |")
     if (demo := load("demo_all")):
-        stages = ", ".join(f"{name} {demo[name]['median']:.0f} s" for name in ("sft", "rm", "ppo", "eval") if name in demo)
+        stages = ", ".join(f"{name} {demo[name]['median']:.0f} s" for name in ("sft", "rm", "ppo", "grpo", "eval") if name in demo)
         out.append(f"| demo `all` wall time (n={demo['total']['n']}) | {stages}; total {demo['total']['median']:.0f} s | | | |")
+        for run, rates in enumerate(demo.get("gold_win_rates", [])):
+            for pair, row in rates.items():
+                out.append(f"| demo gold win rate {pair.replace('_over_', ' over ')} (run {run + 1}) | {100 * row['win_rate']:.1f}% | | "
+                           f"95% CI {100 * row['ci'][0]:.1f}–{100 * row['ci'][1]:.1f}% | |")
     return out
 
 

@@ -7,6 +7,10 @@ process) with ``DIR/<stage>.yaml``. A stage whose finished output already exists
 ``eval_report.json`` for eval) is skipped unless ``--force``. Overrides: ``rm.learning_rate=1e-4`` goes to
 one stage; an unprefixed ``seed=1`` goes to every stage that has the key.
 
+``grpo`` is stage 3 again with ``DIR/grpo.yaml`` (a critic-free estimator), beside ``ppo``: ``--stages
+sft,rm,grpo,eval`` trains it instead, ``--stages sft,rm,ppo,grpo,eval`` both. Eval compares the models its
+config lists, leaving out (with a line saying so) a stage-3 output that this run neither trains nor finds.
+
 ``--run-dir R`` puts every stage's output under R (R/sft, R/rm, R/ppo, R/eval) and rewrites the later
 stages' references to the earlier outputs to match, so several runs (seeds, settings) of the same config
 folder live side by side.
@@ -31,12 +35,19 @@ from stages.common.rollout.vllm_engine import import_vllm
 from stages.registry import STAGE_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ["sft", "rm", "ppo", "eval"]
+PIPELINE = ["sft", "rm", "ppo", "grpo", "eval"]
+DEFAULT_STAGES = ["sft", "rm", "ppo", "eval"]
+RUNS_AS = {"grpo": "ppo"}  # a pipeline stage -> the stage command that runs it
+POLICY_STAGES = ("ppo", "grpo")  # what eval compares against SFT
 FINISHED_MARKER = {"sft": "trainer_state.json", "rm": "trainer_state.json", "ppo": "trainer_state.json", "eval": "eval_report.json"}
 
 
+def runs_as(stage: str) -> str:
+    return RUNS_AS.get(stage, stage)
+
+
 def stage_keys(stage: str) -> set[str]:
-    return {f.name for cls in STAGE_CONFIGS[stage] for f in dataclasses.fields(cls)}
+    return {f.name for cls in STAGE_CONFIGS[runs_as(stage)] for f in dataclasses.fields(cls)}
 
 
 def split_overrides(overrides: list[str], stages: list[str]) -> dict[str, list[str]]:
@@ -72,27 +83,53 @@ def relocate(values: dict, moves: dict[str, str]) -> dict:
 
 
 def output_dir(stage: str, config_file: Path, overrides: list[str]) -> Path:
-    configs = parse_config(["--config", str(config_file), *overrides], STAGE_CONFIGS[stage])
+    configs = parse_config(["--config", str(config_file), *overrides], STAGE_CONFIGS[runs_as(stage)])
     return Path(next(c.output_dir for c in configs if hasattr(c, "output_dir")))
+
+
+def finished(stage: str, out: Path) -> bool:
+    return (out / FINISHED_MARKER[runs_as(stage)]).is_file()
+
+
+def untrained_models(eval_file: Path, eval_overrides: list[str], policy_outputs: dict[str, Path]) -> list[str]:
+    """Overrides that drop from eval's models the stage-3 outputs that will not exist (``policy_outputs``: each such
+    stage's output directory), with a line naming each; none when every model will be there."""
+    eval_args = next(c for c in parse_config(["--config", str(eval_file), *eval_overrides], STAGE_CONFIGS["eval"])
+                     if hasattr(c, "models"))
+    models = eval_args.models or []
+    names = eval_args.model_names or [None] * len(models)
+    missing = {out.resolve(): stage for stage, out in policy_outputs.items()}
+    keep = [(m, n) for m, n in zip(models, names) if Path(m).resolve() not in missing]
+    if len(keep) == len(models):
+        return []
+    for model in models:
+        if (stage := missing.get(Path(model).resolve())) is not None:
+            print(f"[tristage] all: eval leaves out {model}: {stage} has no finished run there and is not in --stages", flush=True)
+    overrides = [f"models=[{','.join(m for m, _ in keep)}]"]
+    return overrides + ([f"model_names=[{','.join(n for _, n in keep)}]"] if eval_args.model_names else [])
 
 
 def preflight(stage: str, config_file: Path, overrides: list[str]) -> None:
     """What a later stage would refuse for want of an install, refused before the first stage trains: a stage asking
     for the vLLM engine needs vllm importable (its model's architecture is checked when the stage starts)."""
-    configs = parse_config(["--config", str(config_file), *overrides], STAGE_CONFIGS[stage])
+    configs = parse_config(["--config", str(config_file), *overrides], STAGE_CONFIGS[runs_as(stage)])
     if any(isinstance(c, RolloutArguments) and c.rollout_engine == "vllm" for c in configs):
         import_vllm(key=f"{stage}.rollout_engine")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_stage.sh all", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-dir", default=str(ROOT / "configs" / "demo"), help="holds sft.yaml, rm.yaml, ppo.yaml, eval.yaml")
+    parser.add_argument("--config-dir", default=str(ROOT / "configs" / "demo"), help="holds sft.yaml, rm.yaml, ppo.yaml, eval.yaml "
+                                                                                     "(and grpo.yaml for the grpo stage)")
     parser.add_argument("--run-dir", default=None, help="put every stage's output under this directory")
     parser.add_argument("--force", action="store_true", help="redo stages whose output already exists")
-    parser.add_argument("--stages", default=",".join(PIPELINE), help="a subset, in pipeline order")
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"a subset of {','.join(PIPELINE)}, run in that order")
     parser.add_argument("--summary-json", default=None, help="also write each stage's status and seconds to this file")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    stages = [s for s in PIPELINE if s in args.stages.split(",")]
+    asked = args.stages.split(",")
+    if unknown := [s for s in asked if s not in PIPELINE]:
+        raise ConfigError(f"{unknown[0]!r} is not one of {', '.join(PIPELINE)}", key="stages")
+    stages = [s for s in PIPELINE if s in asked]
     config_dir = Path(args.config_dir)
     for stage in stages:
         if not (config_dir / f"{stage}.yaml").is_file():
@@ -109,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             config_files[s] = run_dir / "configs" / f"{s}.yaml"
             config_files[s].write_text(yaml.safe_dump(relocate(raw[s], moves), sort_keys=False, allow_unicode=True))
 
+    if "eval" in stages:  # a stage-3 output eval lists but nothing will have trained
+        outputs = {s: Path(args.run_dir) / s if args.run_dir else output_dir(s, config_dir / f"{s}.yaml", [])
+                   for s in POLICY_STAGES if s not in stages and (config_dir / f"{s}.yaml").is_file()}
+        routed["eval"] += untrained_models(config_files["eval"], routed["eval"],
+                                           {s: out for s, out in outputs.items() if not finished(s, out)})
     for stage in stages:
         preflight(stage, config_files[stage], routed[stage])
     env = dict(os.environ)
@@ -117,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for stage in stages:
         out = output_dir(stage, config_files[stage], routed[stage])
-        if (out / FINISHED_MARKER[stage]).is_file() and not args.force:
+        marker = out / FINISHED_MARKER[runs_as(stage)]
+        if marker.is_file() and not args.force:
             print(f"[tristage] all: {stage} already finished in {out} (skipped; --force redoes it)", flush=True)
             summary.append((stage, out, "skipped", 0.0))
             continue
-        if args.force and (out / FINISHED_MARKER[stage]).is_file():
-            (out / FINISHED_MARKER[stage]).unlink()  # a later failure must not leave it looking finished
+        if args.force and marker.is_file():
+            marker.unlink()  # a later failure must not leave it looking finished
         print(f"[tristage] all: running {stage} -> {out}", flush=True)
         started = time.time()
-        code = subprocess.run([str(ROOT / "launch" / "run_stage.sh"), stage, "--config", str(config_files[stage]), *routed[stage]],
-                              env=env).returncode
+        code = subprocess.run([str(ROOT / "launch" / "run_stage.sh"), runs_as(stage), "--config", str(config_files[stage]),
+                               *routed[stage]], env=env).returncode
         summary.append((stage, out, "ran" if code == 0 else f"failed ({code})", time.time() - started))
         if code != 0:
             break
@@ -169,12 +212,14 @@ def verdict(outputs: dict[str, Path]) -> list[str]:
     rm_state = outputs.get("rm", Path("/nonexistent")) / "trainer_state.json"
     if rm_state.is_file() and "eval_accuracy" in (state := json.loads(rm_state.read_text())):
         lines.append(f"reward model: {100 * state['eval_accuracy']:.1f}% agreement with the held-out preference labels")
-    ppo_metrics = outputs.get("ppo", Path("/nonexistent")) / "metrics.jsonl"
-    if ppo_metrics.is_file():
-        last = [json.loads(line) for line in ppo_metrics.read_text().splitlines() if '"kl"' in line][-1]
-        config = yaml.safe_load((ppo_metrics.parent / "tristage_config.yaml").read_text())
-        target = f"target {config['kl_target']}" if config.get("adaptive_kl") else f"fixed beta {config['init_kl_coef']}"
-        lines.append(f"ppo: final KL to the reference {last['kl']:.2f} nats per response ({target}), score {last['score']:.3f}")
+    for stage in POLICY_STAGES:
+        metrics = outputs.get(stage, Path("/nonexistent")) / "metrics.jsonl"
+        if metrics.is_file():
+            last = [json.loads(line) for line in metrics.read_text().splitlines() if '"kl"' in line][-1]
+            config = yaml.safe_load((metrics.parent / "tristage_config.yaml").read_text())
+            target = f"target {config['kl_target']}" if config.get("adaptive_kl") else f"fixed beta {config['init_kl_coef']}"
+            lines.append(f"{stage} ({config.get('advantage_estimator', 'gae')}): final KL to the reference {last['kl']:.2f} nats "
+                         f"per response ({target}), score {last['score']:.3f}")
     report = outputs.get("eval", Path("/nonexistent")) / "eval_report.json"
     if report.is_file():
         for row in json.loads(report.read_text())["win_rates"]:

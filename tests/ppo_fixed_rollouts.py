@@ -31,8 +31,10 @@ def main() -> None:
     ds_config = resolve_deepspeed_config(train_args, dist)
     roles = build_roles(ppo_args, model_args, backbone, train_args, tokenizer, 100, dist, ds_config, reward_settings)
     prompts = build_prompt_data(data_args, tokenizer, seed=0, max_prompt_length=sampling.max_prompt_length).train
-    total, per_rank = ppo_args.rollout_batch_size, ppo_args.rollout_batch_size // dist.world_size
-    rows = [prompts[i % len(prompts)] for i in range(total)][dist.rank * per_rank : (dist.rank + 1) * per_rank]
+    # rollout_batch_size prompts, each samples_per_prompt times in a row (a group never straddles two ranks)
+    n = ppo_args.samples_per_prompt
+    total, per_rank = ppo_args.rollout_batch_size * n, ppo_args.rollout_batch_size * n // dist.world_size
+    rows = [prompts[i // n % len(prompts)] for i in range(total)][dist.rank * per_rank : (dist.rank + 1) * per_rank]
     # every response has the same length (EOS last), so per-micro-batch means average to the global mean exactly
     generator = torch.Generator().manual_seed(1)
     width = sampling.max_new_tokens
@@ -50,7 +52,7 @@ def main() -> None:
         stats = {"score": means[0] / dist.world_size, "kl": means[1] / dist.world_size, "advantage_sum": sums[0],
                  "advantage_square_sum": sums[1]}
         update = ppo_update(roles, experience, ppo_args, sampling.temperature, train_args, iteration)
-        history.append({**stats, **{k: update[k] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl")}})
+        history.append({**stats, **{k: update[k] for k in ("policy_loss", "value_loss", "kl_loss", "clipfrac", "approx_kl") if k in update}})
     if dist.is_main:
         with open(out, "w") as f:
             json.dump(history, f)

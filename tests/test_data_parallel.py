@@ -40,8 +40,9 @@ def test_sft_without_deepspeed_on_two_processes_matches_one(tmp_path, tiny_model
 
 def fixed_rollouts(tmp_path, processes: int, *overrides: str) -> list[dict]:
     out = tmp_path / f"history{processes}.json"
+    config = FIXTURES / ("grpo_tiny.yaml" if "advantage_estimator=grpo" in overrides else "ppo_tiny.yaml")
     command = ["torchrun", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
-               str(ROOT / "tests" / "ppo_fixed_rollouts.py"), str(out), "--config", str(FIXTURES / "ppo_tiny.yaml"),
+               str(ROOT / "tests" / "ppo_fixed_rollouts.py"), str(out), "--config", str(config),
                f"output_dir={tmp_path / f'out{processes}'}", "max_steps=3", "rollout_batch_size=16", "gradient_accumulation_steps=2",
                "ppo_epochs=2", f"per_device_train_batch_size={8 // processes}", *overrides]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -51,15 +52,20 @@ def fixed_rollouts(tmp_path, processes: int, *overrides: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", [["finetuning_type=lora", "shared_backbone=true"],
-                                  ["finetuning_type=full", f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"]],
-                         ids=["shared-backbone-data-parallel", "separate-zero2"])
+                                  ["finetuning_type=full", f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"],
+                                  ["finetuning_type=full", f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}",
+                                   "advantage_estimator=grpo", "samples_per_prompt=2", "rollout_batch_size=8",
+                                   "loss_aggregation=seq_mean_token_sum"]],
+                         ids=["shared-backbone-data-parallel", "separate-zero2", "grpo-zero2"])
 def test_ppo_on_two_processes_reproduces_one_process_on_the_same_rollouts(tmp_path, tiny_model, mode):
     """Rewards and advantages are whitened over every rank's rows (per-rank whitening made results depend on the
     number of processes), and the shared backbone trains data-parallel without DeepSpeed."""
     one = fixed_rollouts(tmp_path, 1, f"model_name_or_path={tiny_model}", *mode)
     two = fixed_rollouts(tmp_path, 2, f"model_name_or_path={tiny_model}", *mode)
+    keys = {"kl", "policy_loss", "value_loss", "kl_loss", "approx_kl", "advantage_square_sum"} & set(one[0])
+    assert ("value_loss" in keys) == ("advantage_estimator=grpo" not in mode) and ("kl_loss" in keys) == ("advantage_estimator=grpo" in mode)
     for a, b in zip(one, two):
-        for key in ("kl", "policy_loss", "value_loss", "approx_kl", "advantage_square_sum"):
+        for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, one, two)
     assert one[-1]["kl"] != 0.0  # the policy moved
 

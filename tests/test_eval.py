@@ -96,7 +96,10 @@ def tiny_config_dir(tmp_path, tiny_model):
                "output_dir": "runs/x/rm"},
         "ppo": {**yaml.safe_load((FIXTURES / "ppo_tiny.yaml").read_text()), "model_name_or_path": "runs/x/sft",
                 "reward_model": ["runs/x/rm"], "critic_init": "reward", "max_steps": 2, "output_dir": "runs/x/ppo"},
-        "eval": {"models": ["runs/x/sft", "runs/x/ppo"], "model_names": ["sft", "rlhf"], "judges": ["rule:keyword:e", "runs/x/rm"],
+        "grpo": {**yaml.safe_load((FIXTURES / "grpo_tiny.yaml").read_text()), "model_name_or_path": "runs/x/sft",
+                 "reward_model": ["runs/x/rm"], "max_steps": 2, "output_dir": "runs/x/grpo"},
+        "eval": {"models": ["runs/x/sft", "runs/x/ppo", "runs/x/grpo"], "model_names": ["sft", "rlhf", "grpo"],
+                 "judges": ["rule:keyword:e", "runs/x/rm"],
                  "dataset": [str(FIXTURES / "alpaca_en_demo_sample.json")], "samples_per_prompt": 2, "max_new_tokens": 8,
                  "bootstrap_samples": 200, "output_dir": "runs/x/eval"},
     }
@@ -136,6 +139,31 @@ def test_all_chains_the_stages_skips_finished_ones_and_routes_overrides(tmp_path
     assert again.returncode == 0 and again.stdout.count("already finished") == 4
     forced = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "--force", "--stages", "eval")
     assert forced.returncode == 0 and "running eval" in forced.stdout and "running sft" not in forced.stdout
+
+
+@pytest.mark.slow
+def test_all_trains_grpo_beside_ppo_and_eval_compares_what_exists(tmp_path, tiny_config_dir):
+    run_dir = tmp_path / "run"
+    first = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "--stages", "sft,rm,grpo,eval")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert f"eval leaves out {run_dir / 'ppo'}: ppo has no finished run there" in first.stdout and not (run_dir / "ppo").exists()
+    grpo_config = yaml.safe_load((run_dir / "grpo" / "tristage_config.yaml").read_text())
+    assert grpo_config["advantage_estimator"] == "grpo" and grpo_config["reward_model"] == [str(run_dir / "rm")]
+    assert not (run_dir / "grpo" / "critic").exists() and "grpo (grpo): final KL" in first.stdout
+    report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
+    assert list(report["models"]) == ["sft", "grpo"]
+
+    both = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "--stages", "ppo,eval", "--force")
+    assert both.returncode == 0, both.stdout[-3000:] + both.stderr[-3000:]
+    report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
+    assert list(report["models"]) == ["sft", "rlhf", "grpo"] and "leaves out" not in both.stdout
+    assert {(r["a"], r["b"]) for r in report["win_rates"]} == {("rlhf", "sft"), ("grpo", "sft"), ("grpo", "rlhf")}
+
+
+def test_all_refuses_a_stage_it_does_not_have(tmp_path, tiny_config_dir):
+    result = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(tmp_path / "run"), "--stages", "sft,dpo2")
+    assert result.returncode == 2 and "key 'stages': 'dpo2' is not one of sft, rm, ppo, grpo, eval" in result.stderr
+    assert not (tmp_path / "run" / "sft").exists()
 
 
 @pytest.mark.slow

@@ -315,7 +315,7 @@ def test_remote_reward_server_round_trip():
     (["critic_init=reward"], "critic_init"),
     (["reward_model=rule:nope"], "reward_model"),
     (["reward_model=/no/such/rm"], "reward_model"),
-    (["kl_estimator=k2"], "kl_estimator"),
+    (["kl_estimator=k4"], "kl_estimator"),
     (["ptx_coef=0.1"], "ptx_dataset"),
 ])
 def test_bad_ppo_settings_fail_before_any_model_loads(tiny_model, tmp_path, capsys, override, key):

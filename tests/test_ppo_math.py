@@ -26,9 +26,10 @@ def test_kl_estimators():
         assert float(kl_estimate(logp, ref, "k1")[b, t]) == pytest.approx(p - q, abs=1e-6)
         r = math.exp(q - p)
         assert float(kl_estimate(logp, ref, "k3")[b, t]) == pytest.approx((r - 1) - math.log(r), rel=1e-5, abs=1e-6)
-    assert (kl_estimate(logp, ref, "k3") >= 0).all()
+        assert float(kl_estimate(logp, ref, "k2")[b, t]) == pytest.approx(0.5 * math.log(r) ** 2, rel=1e-5, abs=1e-6)
+    assert (kl_estimate(logp, ref, "k3") >= 0).all() and (kl_estimate(logp, ref, "k2") >= 0).all()
     with pytest.raises(ValueError):
-        kl_estimate(logp, ref, "k2")
+        kl_estimate(logp, ref, "k4")
 
 
 def test_adaptive_kl_controller_follows_ziegler():

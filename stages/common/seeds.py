@@ -11,6 +11,8 @@ EPOCH_ORDER = (1, 1)  # SFT/RM: the shuffle of epoch e is seeded with seed + e
 PROMPT_ORDER = (7919, 1)  # PPO: the permutation of all prompts for lap l (one pass over them)
 MINIBATCH_ORDER = (100_003, 101, 1)  # PPO: the minibatch order of (iteration, ppo epoch)
 ROLLOUT_SAMPLES = (15_485_863, 1009, 1)  # PPO with a vLLM engine: the draws of (iteration, rank)
+TOP_UP_PROMPTS = (49_979_687, 101, 1)  # PPO dynamic sampling: the prompts of (iteration, extra round)
+TOP_UP_SAMPLES = (32_452_843, 1009, 101, 1)  # PPO dynamic sampling with a vLLM engine: the draws of (iteration, rank, round)
 EVAL_BATCH = (1, 1)  # eval: batch b of every model is sampled after seeding with seed + b (common random numbers)
 
 

@@ -12,8 +12,13 @@ from stages.common.generation import SamplingArguments
 from stages.common.loading import adapter_base_path
 from stages.common.rollout import RolloutArguments, refuse_unsupported
 
+from .advantages import ESTIMATORS, GROUP_ESTIMATORS
+from .kl import KL_ESTIMATORS
+from .losses import AGGREGATIONS
+
 CRITIC_INITS = ("reward", "actor")
-KL_ESTIMATORS = ("k1", "k3")
+KL_PLACES = ("reward", "loss")
+CRITIC_KEYS = {"critic_init": "reward", "critic_learning_rate": None, "vf_coef": 0.1, "clip_range_value": 0.2}  # gae's, with defaults
 
 
 @dataclass
@@ -21,21 +26,38 @@ class PPOArguments:
     """Stage 3. ``max_steps`` counts PPO iterations (else ``num_train_epochs`` passes over the prompts);
     ``save_steps`` and ``logging_steps`` count iterations too; ``learning_rate`` is the actor's."""
 
+    # ---- estimator
+    advantage_estimator: str = field(default="gae", metadata={
+        "help": "gae: PPO with a critic. Critic-free (no critic is built): grpo, (r - group mean) / group std; rloo, r - mean "
+                "of the prompt's other samples; reinforce_pp, whitened returns of the KL-shaped rewards (REINFORCE++); "
+                "reinforce_pp_baseline, the group mean subtracted first. Formulas in stages/ppo/advantages.py."})
+    samples_per_prompt: int = field(default=1, metadata={
+        "help": "n responses sampled per prompt (rollouts = prompts x n); grpo, rloo and reinforce_pp_baseline need n >= 2."})
+    grpo_scale_by_std: bool = field(default=True, metadata={"help": "grpo: divide by the group's std; false = Dr. GRPO's unscaled advantage."})
+    loss_aggregation: str = field(default="token_mean", metadata={
+        "help": "How per-token policy (and KL) loss terms become one: token_mean (every token weighs the same), seq_mean_token_sum "
+                "(Dr. GRPO: sum per sequence, mean over sequences), seq_mean_token_mean (GRPO's original, length-biased)."})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "DAPO: drop groups whose scores are all equal (no signal for a group baseline) and sample new prompts in their "
+                "place, for at most dynamic_sampling_max_rounds generation rounds; groups still missing are filled with dropped "
+                "ones. Needs samples_per_prompt >= 2."})
+    dynamic_sampling_max_rounds: int = field(default=4, metadata={"help": "Generation rounds per iteration with dynamic_sampling, the first included."})
     # ---- roles
     reward_model: list[str] = field(default=None, metadata={
         "help": "Reward sources, summed with reward_weights: a reward-model directory (full or adapter), "
                 "rule:NAME (rewards/rules.py), or an http(s):// URL (rewards/remote.py)."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward source; None = all 1."})
     critic_init: str = field(default="reward", metadata={
-        "help": "reward: the critic starts as the first reward model (its head predicts values); actor: from the SFT model "
+        "help": "gae only. reward: the critic starts as the first reward model (its head predicts values); actor: from the SFT model "
                 "with a new zero-initialized value head."})
     ref_model_name_or_path: str | None = field(default=None, metadata={"help": "Frozen reference policy; None = the SFT model."})
     shared_backbone: bool = field(default=False, metadata={
         "help": "lora/qlora only: actor, reference, critic and reward share one base model as adapters (one copy in memory)."})
-    critic_learning_rate: float | None = field(default=None, metadata={"help": "None = learning_rate."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (shared backbone, where one optimizer trains both)."})
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "gae only; None = learning_rate."})
+    vf_coef: float = field(default=0.1, metadata={"help": "gae only. Weight of the value loss (shared backbone, where one optimizer trains both)."})
     # ---- rollout
-    rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per iteration over all processes."})
+    rollout_batch_size: int = field(default=64, metadata={
+        "help": "Prompts per iteration over all processes; each is sampled samples_per_prompt times."})
     # ---- reward shaping
     reward_normalize: bool = field(default=True, metadata={"help": "(r - mean) / std with each reward model's reward_stats.json."})
     reward_clip: float = field(default=0.0, metadata={"help": "Clip scores to [-c, c] after normalization; 0 = off."})
@@ -43,8 +65,12 @@ class PPOArguments:
     missing_eos_penalty: float = field(default=1.0, metadata={
         "help": "Subtracted from the score of a response that hit max_new_tokens without EOS; 0 = off."})
     # ---- KL control
-    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log-ratio) or k3 (always >= 0, lower variance)."})
-    init_kl_coef: float = field(default=0.05, metadata={"help": "beta, the per-token KL penalty coefficient (its start when adaptive)."})
+    kl_in: str = field(default="reward", metadata={
+        "help": "reward: -beta * KL in every token's reward (PPO, REINFORCE++); loss: beta * KL as a term of the policy loss, "
+                "aggregated as loss_aggregation says (GRPO)."})
+    kl_estimator: str = field(default="k1", metadata={
+        "help": "k1 (log-ratio), k2 (1/2 log-ratio^2, >= 0) or k3 (>= 0, unbiased, low variance); kl.py."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "beta, the KL coefficient (its start when adaptive)."})
     adaptive_kl: bool = field(default=False, metadata={"help": "Ziegler et al. proportional controller towards kl_target."})
     kl_target: float = field(default=6.0, metadata={"help": "Target KL (nats per response) for adaptive_kl."})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon (in rollouts) of the adaptive controller."})
@@ -54,8 +80,10 @@ class PPOArguments:
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon."})
-    clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values; 0 = unclipped."})
-    whiten_advantages: bool = True
+    clip_range_value: float = field(default=0.2, metadata={"help": "gae only. Value clip around the rollout's values; 0 = unclipped."})
+    whiten_advantages: bool | None = field(default=None, metadata={
+        "help": "Whiten advantages over the rollout (all processes'); None = the estimator's own: yes for gae and reinforce_pp*, "
+                "no for grpo and rloo (their group baseline is their normalisation)."})
     # ---- extras
     ptx_coef: float = field(default=0.0, metadata={"help": "InstructGPT ptx: weight of a language-model loss on ptx_dataset; 0 = off."})
     ptx_dataset: list[str] | None = field(default=None, metadata={"help": "SFT-format data for the ptx loss."})
@@ -66,10 +94,23 @@ class PPOArguments:
                 "sampling for the gap between the engine's numbers and the training model's; 0 = off."})
 
     def __post_init__(self):
-        if self.critic_init not in CRITIC_INITS:
-            raise ConfigError(f"must be one of {', '.join(CRITIC_INITS)}", key="critic_init")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"must be one of {', '.join(KL_ESTIMATORS)}", key="kl_estimator")
+        for key, allowed in (("advantage_estimator", ESTIMATORS), ("critic_init", CRITIC_INITS), ("kl_estimator", tuple(KL_ESTIMATORS)),
+                             ("kl_in", KL_PLACES), ("loss_aggregation", AGGREGATIONS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"must be one of {', '.join(allowed)}, not {getattr(self, key)!r}", key=key)
+        for key in ("samples_per_prompt", "dynamic_sampling_max_rounds"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be >= 1", key=key)
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            raise ConfigError(f"{self.advantage_estimator} compares the samples of a prompt: it needs >= 2", key="samples_per_prompt")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ConfigError("drops groups of samples whose scores are equal: it needs samples_per_prompt >= 2", key="dynamic_sampling")
+        if not self.grpo_scale_by_std and self.advantage_estimator != "grpo":
+            raise ConfigError("is grpo's; the advantage_estimator is " + self.advantage_estimator, key="grpo_scale_by_std")
+        if not self.uses_critic:
+            for key, default in CRITIC_KEYS.items():
+                if getattr(self, key) != default:
+                    raise ConfigError(f"is a critic's setting; advantage_estimator {self.advantage_estimator} builds no critic", key=key)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("must be in [0, 1)", key="ema_decay")
         if self.ptx_coef > 0 and not self.ptx_dataset:
@@ -81,6 +122,16 @@ class PPOArguments:
             raise ConfigError("must be > 0", key="kl_target")
         if self.rollout_is_cap < 0:
             raise ConfigError("must be >= 0 (0 = off)", key="rollout_is_cap")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    @property
+    def whitens_advantages(self) -> bool:
+        if self.whiten_advantages is not None:
+            return self.whiten_advantages
+        return self.advantage_estimator in ("gae", "reinforce_pp", "reinforce_pp_baseline")
 
     def reward_models(self) -> list[str]:
         """The reward sources that are reward-model directories (not rules or servers)."""
@@ -109,7 +160,7 @@ class PPOArguments:
             raise ConfigError("the shared backbone is the single-device memory saver; under DeepSpeed use separate models "
                               "(shared_backbone: false)", key="shared_backbone")
         not_yet = check_specs(self.reward_model, key="reward_model", allow_missing=bool(train_args.dry_run))
-        if self.critic_init == "reward" and self.first_reward_model() is None:
+        if self.uses_critic and self.critic_init == "reward" and self.first_reward_model() is None:
             raise ConfigError("the critic starts from a reward model, but reward_model names none; set critic_init: actor",
                               key="critic_init")
         return not_yet

@@ -3,6 +3,9 @@
 ``SeparateRoles`` (any backbone, and ZeRO-3): the actor and the critic are training engines of their own, the
 reference and the reward models are frozen models (ZeRO inference engines under ZeRO-3).
 
+The critic-free estimators (grpo, rloo, reinforce_pp*) build no critic in either holder: ``critic`` is None and
+``has_critic`` False.
+
 ``SharedRoles`` (lora/qlora): one base model carries every role as adapters (``role_models.SharedBackbone``):
     actor     = base + SFT adapter (frozen, when SFT trained one) + "ppo" adapter (trains)
     reference = base + SFT adapter                       (the PPO adapter switched off)
@@ -35,7 +38,8 @@ class Roles(Protocol):
     """What one PPO iteration needs from the roles, however they are held."""
 
     actor: TrainingEngine  # its optimizer trains the policy (and, with the shared backbone, the critic too)
-    critic: TrainingEngine | None  # None when the actor's engine trains the critic
+    critic: TrainingEngine | None  # None when the actor's engine trains the critic, or when there is no critic
+    has_critic: bool  # False for the critic-free estimators: values() is not called, nothing is saved under critic/
     reward: Reward
     models_in_memory: int
 
@@ -79,7 +83,8 @@ class SeparateRoles:
 
     def __init__(self, ppo_args, model_args, backbone, train_args, tokenizer, steps: int, dist, ds_config, reward_settings):
         actor, self.sft_adapters = load_actor_model(model_args, backbone, train_args)
-        critic = load_critic_model(ppo_args, model_args, backbone, train_args, tokenizer.pad_token_id)
+        self.has_critic = ppo_args.uses_critic
+        critic = load_critic_model(ppo_args, model_args, backbone, train_args, tokenizer.pad_token_id) if self.has_critic else None
         ref_path = ppo_args.ref_model_name_or_path or model_args.model_name_or_path
         # frozen roles in the compute dtype (what a DeepSpeed bf16 actor computes in, so KL is 0 at step 0), straight
         # onto this process's device unless ZeRO-3 partitions them while they load
@@ -89,19 +94,21 @@ class SeparateRoles:
                          for spec in ppo_args.reward_model if is_model_source(spec)}
         if ppo_args.disable_dropout:
             for model in (actor, critic, ref):
-                disable_dropout(model)
+                if model is not None:
+                    disable_dropout(model)
         self.actor = TrainingEngine(actor, train_args, steps, dist, ds_config)
         critic_config = json.loads(json.dumps(ds_config)) if ds_config else None
-        self.critic = TrainingEngine(critic, critic_train_args(train_args, ppo_args), steps, dist, critic_config)
+        self.critic = TrainingEngine(critic, critic_train_args(train_args, ppo_args), steps, dist, critic_config) \
+            if self.has_critic else None
         self.ref = frozen_model(ref, ds_config, dist)
         self.reward = build_reward(ppo_args.reward_model, ppo_args.reward_weights, ppo_args.reward_normalize,
                                    batch_size=train_args.per_device_eval_batch_size, settings=reward_settings, models=reward_models)
         self.base_path = adapter_base_path(model_args.model_name_or_path) or model_args.model_name_or_path
-        self.models_in_memory = 3 + len(reward_models)
+        self.models_in_memory = 2 + self.has_critic + len(reward_models)
 
     @property
     def engines(self) -> dict[str, TrainingEngine]:
-        return {"actor": self.actor, "critic": self.critic}
+        return {"actor": self.actor, "critic": self.critic} if self.has_critic else {"actor": self.actor}
 
     @contextmanager
     def generation_model(self):
@@ -127,8 +134,8 @@ class SeparateRoles:
             return self.critic.forward_model(inputs["input_ids"], inputs["attention_mask"], True)
 
     def train(self, mode: bool) -> None:
-        self.actor.train(mode)
-        self.critic.train(mode)
+        for engine in self.engines.values():
+            engine.train(mode)
 
     def backward_actor(self, loss: torch.Tensor) -> None:
         self.actor.backward(loss)
@@ -137,7 +144,7 @@ class SeparateRoles:
         self.critic.backward(loss)
 
     def optimizer_step(self) -> dict[str, float]:
-        norms = {"actor_grad_norm": self.actor.optimizer_step(), "critic_grad_norm": self.critic.optimizer_step()}
+        norms = {f"{name}_grad_norm": engine.optimizer_step() for name, engine in self.engines.items()}
         return {k: v for k, v in norms.items() if v is not None}
 
     def trainable_actor_parameters(self):
@@ -172,7 +179,10 @@ class SharedRoles:
             reward_head = nn.Linear(hidden, 1, bias="bias" in head)
             reward_head.load_state_dict(head)
             reward_head.requires_grad_(False)
-        if rm_shares_base and ppo_args.critic_init == "reward":
+        self.has_critic = ppo_args.uses_critic
+        if not self.has_critic:
+            value_head = None
+        elif rm_shares_base and ppo_args.critic_init == "reward":
             config, lora, head = split_reward_adapter(rm_dir)
             peft_model.add_adapter(CRITIC_ADAPTER, config)
             set_peft_model_state_dict(peft_model, lora, adapter_name=CRITIC_ADAPTER)

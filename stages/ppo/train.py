@@ -26,7 +26,7 @@ from stages.common.errors import ConfigError
 from stages.common.loop import (TRAINER_STATE, NonFiniteStreak, atomic_checkpoint, check_finite_weights, find_checkpoint,
                                 refuse_model_only)
 from stages.common.plots import plot_curves
-from stages.common.seeds import PROMPT_ORDER, ROLLOUT_SAMPLES, derive_seed
+from stages.common.seeds import PROMPT_ORDER, ROLLOUT_SAMPLES, TOP_UP_PROMPTS, TOP_UP_SAMPLES, derive_seed
 from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
 
@@ -40,7 +40,16 @@ from .update import PtxBatches, ppo_update
 TABLE_COLUMNS = ["score", "kl", "beta", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
                  "response_length", "no_eos_rate", "tokens_per_second"]
 CURVES = ["score_raw", "score", "kl", "beta", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
-          "explained_variance", "response_length", "no_eos_rate"]
+          "explained_variance", "group_reward_std", "zero_variance_groups", "dynamic_sampling_dropped", "response_length",
+          "no_eos_rate"]
+GROUP_COLUMNS = ["group_reward_std", "zero_variance_groups"]  # in place of the critic's columns, for critic-free runs
+
+
+def table_columns(ppo_args) -> list[str]:
+    if ppo_args.uses_critic:
+        return TABLE_COLUMNS
+    columns = [c for c in TABLE_COLUMNS if c not in ("value_loss", "explained_variance")]
+    return columns[:5] + GROUP_COLUMNS + (["dynamic_sampling_dropped"] if ppo_args.dynamic_sampling else []) + columns[5:]
 
 
 def iteration_prompts(num_prompts: int, iteration: int, rollout_batch_size: int, seed: int) -> list[int]:
@@ -56,14 +65,28 @@ def iteration_prompts(num_prompts: int, iteration: int, rollout_batch_size: int,
 
 
 def check_batch_sizes(ppo_args, train_args, world_size: int) -> int:
-    """Rollout rows per rank, which must split into whole minibatches."""
+    """Prompts per rank; their samples_per_prompt rollouts each must split into whole minibatches."""
     per_rank, remainder = divmod(ppo_args.rollout_batch_size, world_size)
     minibatch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
-    if remainder or per_rank % minibatch:
-        raise ConfigError(f"rollout_batch_size {ppo_args.rollout_batch_size} must split into {world_size} process(es) x whole "
-                          f"minibatches of per_device_train_batch_size x gradient_accumulation_steps = {minibatch}",
-                          key="rollout_batch_size")
+    if remainder or per_rank * ppo_args.samples_per_prompt % minibatch:
+        raise ConfigError(f"rollout_batch_size {ppo_args.rollout_batch_size} x samples_per_prompt {ppo_args.samples_per_prompt} "
+                          f"must split into {world_size} process(es) x whole minibatches of per_device_train_batch_size x "
+                          f"gradient_accumulation_steps = {minibatch}", key="rollout_batch_size")
     return per_rank
+
+
+def rank_prompts(prompts: list[dict], picks: list[int], per_rank: int, rank: int) -> list[dict]:
+    return [prompts[i] for i in picks[rank * per_rank : (rank + 1) * per_rank]]
+
+
+def top_up_prompts(prompts: list[dict], iteration: int, per_rank: int, rank: int, seed: int, batch: int):
+    """Dynamic sampling's extra prompts for round r of an iteration: a seeded draw that depends only on (iteration, r),
+    so a resumed run samples the same ones."""
+    def draw(round_: int) -> list[dict]:
+        generator = torch.Generator().manual_seed(derive_seed(seed, TOP_UP_PROMPTS, iteration, round_))
+        picks = [int(i) for i in torch.randint(len(prompts), (batch,), generator=generator)]
+        return rank_prompts(prompts, picks, per_rank, rank)
+    return draw
 
 
 def kl_controller(ppo_args):
@@ -97,14 +120,15 @@ def check_finite_roles(roles, what: str) -> None:
 
 
 def save_models(roles, tokenizer, output_dir: Path, ema: ActorEMA | None, dist) -> None:
-    """Actor (full model or adapter stack), critic under critic/, EMA actor under ema/; gathered from
+    """Actor (full model or adapter stack), critic (gae) under critic/, EMA actor under ema/; gathered from
     ZeRO-3 shards, so one process loads them."""
     check_finite_roles(roles, str(output_dir))
     actor_state = roles.actor.consolidated_state_dict() if roles.actor.zero_stage == 3 else None
     critic_state = roles.critic.consolidated_state_dict() if roles.critic is not None and roles.critic.zero_stage == 3 else None
     if dist.is_main:
         roles.save_actor(output_dir, tokenizer, actor_state)
-        roles.save_critic(output_dir / "critic", tokenizer, critic_state)
+        if roles.has_critic:
+            roles.save_critic(output_dir / "critic", tokenizer, critic_state)
     if ema is not None:
         with ema.swapped_in():
             ema_state = roles.actor.consolidated_state_dict() if roles.actor.zero_stage == 3 else None
@@ -128,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     iterations = train_args.max_steps if train_args.max_steps > 0 else \
         max(1, math.ceil(train_args.num_train_epochs * len(prompts) / ppo_args.rollout_batch_size))
     micro, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
-    optimizer_steps = iterations * ppo_args.ppo_epochs * (per_rank // (micro * accumulation))
+    optimizer_steps = iterations * ppo_args.ppo_epochs * (per_rank * ppo_args.samples_per_prompt // (micro * accumulation))
     if train_args.dry_run:
         from transformers import AutoModelForCausalLM
 
@@ -154,12 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     output_dir = Path(train_args.output_dir)
     tracker = RunTracker(str(output_dir), train_args.report_to if dist.is_main else [], iterations, enabled=dist.is_main,
-                         title="ppo", columns=TABLE_COLUMNS, settings=train_args)
-    sampler = rollout_engine(rollout_args, roles, model_args, tokenizer, sampling, train_args, per_rank, dist)
+                         title="ppo", columns=table_columns(ppo_args), settings=train_args)
+    samples = ppo_args.samples_per_prompt
+    sampler = rollout_engine(rollout_args, roles, model_args, tokenizer, sampling, train_args, per_rank * samples, dist)
     tracker.message(
-        f"ppo: {backbone_args.finetuning_type}{' shared backbone' if ppo_args.shared_backbone else ''}, actor trains {trainable:,} "
+        f"ppo: {ppo_args.advantage_estimator}{'' if roles.has_critic else ' (no critic)'}, {backbone_args.finetuning_type}{' shared backbone' if ppo_args.shared_backbone else ''}, actor trains {trainable:,} "
         f"of {total:,} parameters, {roles.models_in_memory} model(s) in memory, {len(prompts)} prompts, {iterations} iterations "
-        f"x {ppo_args.rollout_batch_size} rollouts, {dist.world_size} process(es), "
+        f"x {ppo_args.rollout_batch_size} prompts x {samples} sample(s), {dist.world_size} process(es), "
         f"{'ZeRO-' + str(roles.actor.zero_stage) if ds_config else 'no DeepSpeed'}, rollouts by {sampler.name}")
 
     start_iteration = 0
@@ -182,22 +207,27 @@ def main(argv: list[str] | None = None) -> dict:
     weights_changed = True  # the engine starts with no weights of its own
     for iteration in range(start_iteration, iterations):
         picks = iteration_prompts(len(prompts), iteration, ppo_args.rollout_batch_size, train_args.seed)
-        rows = [prompts[i] for i in picks[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
+        rows = rank_prompts(prompts, picks, per_rank, dist.rank)
         beta = kl_ctl.beta
         sync_started = time.time()
         if weights_changed:
             sampler.load_weights(roles.policy_weights())  # a no-op for hf, which generates with the actor itself
         sync_time = time.time() - sync_started
-        seed = derive_seed(train_args.seed, ROLLOUT_SAMPLES, iteration, dist.rank) if sampler.name == "vllm" else None
+        seed = None
+        if sampler.name == "vllm":  # round 0 keeps the seeds of runs without dynamic sampling
+            def seed(round_, iteration=iteration):
+                return derive_seed(train_args.seed, ROLLOUT_SAMPLES, iteration, dist.rank) if round_ == 0 else \
+                    derive_seed(train_args.seed, TOP_UP_SAMPLES, iteration, dist.rank, round_)
+        top_up = top_up_prompts(prompts, iteration, per_rank, dist.rank, train_args.seed, ppo_args.rollout_batch_size)
         experience = make_experience(roles, sampler, tokenizer, rows, ppo_args, sampling, beta, train_args.per_device_eval_batch_size,
-                                     dist.device, seed)
+                                     dist.device, seed, top_up)
         nonfinite.update(experience is None, iteration + 1)
         if experience is None:
             skipped_iterations += 1
             tracker.log(iteration + 1, {"skipped_iterations": skipped_iterations})
             continue
         train_started = time.time()
-        update = ppo_update(roles, experience, ppo_args, sampling.temperature, train_args, iteration, ema, ptx)
+        update = ppo_update(roles, experience, ppo_args, sampling.temperature, train_args, iteration, ema, ptx, beta)
         train_time = time.time() - train_started
         weights_changed = True
 
@@ -207,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         generated_tokens = averaged.pop("generated_tokens")
         metrics = {k: v / dist.world_size for k, v in averaged.items()}
         metrics.update({k: v for k, v in rollout_stats.items() if k.endswith("_max")})  # already the max over ranks
-        kl_ctl.update(metrics["kl"], ppo_args.rollout_batch_size)  # Ziegler et al.: n = rollouts in this batch
+        kl_ctl.update(metrics["kl"], ppo_args.rollout_batch_size * samples)  # Ziegler et al.: n = rollouts in this batch
         metrics.update(update)
         metrics.update({"beta": beta, "next_beta": kl_ctl.beta, "rollout_time": rollout_stats["rollout_time"], "train_time": train_time,
                         "weight_sync_time": sync_time,

@@ -1,6 +1,6 @@
-"""The second half of a PPO iteration: ``ppo_epochs`` passes of clipped policy and value updates over shuffled
-minibatches of the experience (``experience.py``), with InstructGPT's optional pretraining loss (ptx).
-The losses are pure functions in losses.py."""
+"""The second half of a PPO iteration: ``ppo_epochs`` passes of clipped policy and (gae) value updates over shuffled
+minibatches of the experience (``experience.py``), with the KL as a loss term (``kl_in: loss``) and InstructGPT's
+optional pretraining loss (ptx). The losses are pure functions in losses.py."""
 from __future__ import annotations
 
 import warnings
@@ -13,7 +13,7 @@ from stages.common.lm import count_label_tokens, token_nll_sum
 from stages.common.seeds import MINIBATCH_ORDER, derive_seed
 
 from .experience import Experience
-from .losses import policy_loss, value_loss
+from .losses import kl_loss, policy_loss, value_loss
 
 
 class PtxBatches:
@@ -39,8 +39,9 @@ class PtxBatches:
 
 
 def ppo_update(roles, experience: Experience, ppo_args, temperature: float, train_args, iteration: int, ema=None,
-               ptx: PtxBatches | None = None) -> dict:
-    """``ppo_epochs`` passes over the rollout in minibatches of micro_batch x accumulation rows per rank."""
+               ptx: PtxBatches | None = None, beta: float = 0.0) -> dict:
+    """``ppo_epochs`` passes over the rollout in minibatches of micro_batch x accumulation rows per rank; ``beta``
+    weighs the KL loss term (kl_in: loss)."""
     micro, accumulation = train_args.per_device_train_batch_size, train_args.gradient_accumulation_steps
     width = experience.response_ids.shape[1]
     sums: dict[str, float] = {}
@@ -60,16 +61,22 @@ def ppo_update(roles, experience: Experience, ppo_args, temperature: float, trai
                 logprobs = token_logprobs(logits, experience.response_ids[rows], temperature)
                 weights = experience.is_weights[rows] if experience.is_weights is not None else None
                 pg_loss, pg_stats = policy_loss(logprobs, experience.logprobs[rows], experience.advantages[rows], mask,
-                                                ppo_args.clip_range, weights)
+                                                ppo_args.clip_range, weights, ppo_args.loss_aggregation)
                 actor_loss = pg_loss
+                if experience.ref_logprobs is not None:
+                    kl_term = kl_loss(logprobs, experience.ref_logprobs[rows], mask, ppo_args.kl_estimator, ppo_args.loss_aggregation)
+                    actor_loss = actor_loss + beta * kl_term
+                    pg_stats["kl_loss"] = kl_term.item()
                 if ptx is not None:
                     n = ((iteration * ppo_args.ppo_epochs + epoch) * updates_per_epoch + update) * accumulation + m
                     ptx_loss = ptx.loss(roles.actor_logits, n, mask.device)
                     actor_loss = actor_loss + ppo_args.ptx_coef * ptx_loss
                     pg_stats["ptx_loss"] = ptx_loss.item()
-                values = response_logits(roles.values(inputs), width)
-                clip_value = ppo_args.clip_range_value if ppo_args.clip_range_value > 0 else None
-                vf_loss, vf_stats = value_loss(values, experience.values[rows], experience.returns[rows], mask, clip_value)
+                vf_loss, vf_stats = torch.zeros((), device=mask.device), {}
+                if roles.has_critic:
+                    values = response_logits(roles.values(inputs), width)
+                    clip_value = ppo_args.clip_range_value if ppo_args.clip_range_value > 0 else None
+                    vf_loss, vf_stats = value_loss(values, experience.values[rows], experience.returns[rows], mask, clip_value)
                 # Both losses are checked before either backward: DeepSpeed counts micro-steps, so a skip must replace
                 # the whole micro-batch on every engine (and every rank must agree).
                 bad = [name for name, loss in (("policy", actor_loss), ("value", vf_loss)) if not torch.isfinite(loss)]
@@ -81,9 +88,11 @@ def ppo_update(roles, experience: Experience, ppo_args, temperature: float, trai
                     skipped += 1
                     continue
                 roles.backward_actor(actor_loss / accumulation)
-                roles.backward_critic(vf_loss / accumulation)
+                if roles.has_critic:
+                    roles.backward_critic(vf_loss / accumulation)
+                    vf_stats["value_loss"] = vf_loss.item()
 
-                for key, value in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), **pg_stats, **vf_stats}.items():
+                for key, value in {"policy_loss": pg_loss.item(), **pg_stats, **vf_stats}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 sums["count"] = sums.get("count", 0.0) + 1
             for key, norm in roles.optimizer_step().items():
