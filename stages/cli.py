@@ -12,6 +12,7 @@ COMMANDS = {
     "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
     "rm": ("stages.rm.train", "stage 2: reward model on preference pairs"),
     "ppo": ("stages.ppo.train", "stage 3: PPO rollouts with KL control against the reference"),
+    "dpo": ("stages.dpo.train", "DPO on preference pairs: no reward model, no rollouts"),
     "all": ("stages.pipeline", "sft -> rm -> ppo -> eval, each reading the previous stage's output"),
     "eval": ("stages.eval.compare", "compare models (SFT-only vs RLHF) on held-out prompts"),
     "collect": ("rewards.collect.cli", "human preference collection: web app, SQLite store, agreement, export"),
