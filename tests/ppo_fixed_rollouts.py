@@ -17,7 +17,7 @@ def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
     from stages.common.config import parse_config
     from stages.common.data import build_prompt_data
-    from stages.common.distributed import all_reduce_sum
+    from stages.common.distributed import all_reduce_sum, shutdown_distributed
     from stages.common.engine import resolve_deepspeed_config
     from stages.common.generation import left_pad
     from stages.common.stage import start_stage
@@ -56,6 +56,7 @@ def main() -> None:
     if dist.is_main:
         with open(out, "w") as f:
             json.dump(history, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

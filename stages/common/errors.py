@@ -84,8 +84,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def run_stage_main(entry: Callable, argv: list[str] | None = None) -> int:
     """Run a command's ``main`` and turn our errors into one line on stderr and their exit code."""
+    from .distributed import shutdown_distributed
+
     try:
         result = entry(argv)
+        shutdown_distributed()
     except InputError as err:
         print(f"tristage: error: {err}", file=sys.stderr)
         return INPUT_ERROR_EXIT_CODE
