@@ -2,7 +2,7 @@
 # Start a tristage stage on this machine or a cluster.
 #
 #   launch/run_stage.sh sft|rm|ppo|dpo|eval|all|collect|score|export|demo|reward-server [--config FILE] [--dry-run] [key=value ...]
-#   launch/run_stage.sh sft|rm|ppo --estimate [--config FILE] [key=value ...]   per-GPU memory, from config.json only
+#   launch/run_stage.sh sft|rm|ppo|dpo --estimate [--config FILE] [key=value ...]   per-GPU memory, from config.json only
 #   launch/run_stage.sh sft|rm|ppo|eval --print-command [...]                   print the command it would run, and exit
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built

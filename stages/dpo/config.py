@@ -23,7 +23,10 @@ class DPOArguments:
     rpo_alpha: float = field(default=0.0, metadata={"help": "Weight of an SFT term on the chosen response (RPO); 0 = off."})
     ref_model_name_or_path: str | None = field(default=None, metadata={
         "help": "The frozen reference; None = the starting model (for lora/qlora: the same model with the trained adapter off, "
-                "no second copy in memory)."})
+                "no second copy in memory; an SFT adapter the policy stacks on stays on)."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "One pass of the reference over the train and eval pairs before training, then no reference forward per step "
+                "(a separate reference model is released after the pass)."})
 
     def __post_init__(self):
         if self.loss_type not in LOSSES:

@@ -2,45 +2,69 @@
 
     tristage dpo --config configs/demo/dpo.yaml [key=value ...]
 
-Reads top to bottom: config -> pairs (all validated before any model is loaded) -> policy backbone -> the frozen
-reference (the starting model; for lora/qlora the policy with its adapter off, so no second copy) -> engine -> loop
-(DPO loss) -> save. The output loads as a causal LM (full) or a peft adapter, as SFT's does.
+Reads top to bottom: config -> pairs (all validated before any model is loaded) -> policy (the SFT model; lora/qlora: a
+new "dpo" adapter stacked over SFT's adapter, if any) -> the frozen reference (the starting model; for lora/qlora the
+policy with its "dpo" adapter off, so no second copy) -> optionally the reference's log-probs for every pair, once ->
+engine -> loop (DPO loss) -> save. The output loads as a causal LM (full, freeze) or a peft adapter stack, as PPO's does.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from functools import partial
 
+import torch
 from transformers import AutoModelForCausalLM
 
-from stages.common.backbone import apply_backbone, load_pretrained, parameter_counts
-from stages.common.config import ModelArguments, parse_config, save_resolved_config
+from stages.common.backbone import compute_dtype, parameter_counts
+from stages.common.config import parse_config, save_resolved_config
 from stages.common.data import build_preference_data, collate_dpo
 from stages.common.dryrun import model_skeleton, report
-from stages.common.engine import TrainingEngine, frozen_model, resolve_deepspeed_config
+from stages.common.engine import TrainingEngine, frozen_model, resolve_deepspeed_config, zero_stage
+from stages.common.loading import adapter_base_path, load_policy
 from stages.common.loop import check_eval_plan, fit, save_model, total_steps, write_weight_digest
+from stages.common.policy import load_trainable_policy, reference_adapters, save_policy
 from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
 
 from .config import ARGUMENTS
-from .objective import DPOObjective
+from .objective import DPOObjective, response_logps
+
+DPO_ADAPTER = "dpo"
 
 
-def build_reference(dpo_args, model_args, backbone_args, train_args, engine: TrainingEngine, ds_config, dist):
-    """The frozen reference as a function of (input_ids, attention_mask) -> logits."""
+def build_reference(dpo_args, model_args, backbone_args, train_args, engine: TrainingEngine, sft_adapters: list[str], ds_config, dist):
+    """The frozen reference as a function of (input_ids, attention_mask) -> logits, and whether it is a second model."""
     if dpo_args.ref_model_name_or_path is None and backbone_args.finetuning_type in ("lora", "qlora"):
-        peft_model = engine.module
-
         def with_adapter_off(input_ids, attention_mask):
-            with peft_model.disable_adapter():
+            with reference_adapters(engine.module, sft_adapters, DPO_ADAPTER), engine.forward_context():
                 return engine.forward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-        return with_adapter_off
+        return with_adapter_off, False
+    # full/freeze: the starting model (SFT adapters unmerged on their base) in the compute dtype, as PPO's reference
     path = dpo_args.ref_model_name_or_path or model_args.model_name_or_path
-    ref_args = ModelArguments(**{**vars(model_args), "model_name_or_path": path})
-    frozen_backbone = type(backbone_args)(**{**vars(backbone_args), "finetuning_type": "full"})
-    reference = frozen_model(load_pretrained(AutoModelForCausalLM, ref_args, frozen_backbone, train_args), ds_config, dist)
-    return lambda input_ids, attention_mask: reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    device = None if zero_stage(ds_config) == 3 else dist.device
+    reference = frozen_model(load_policy(path, dtype=compute_dtype(train_args), quantization=None,
+                                         trust_remote_code=model_args.trust_remote_code, device=device), ds_config, dist)
+
+    def separate(input_ids, attention_mask):
+        with engine.forward_context():
+            return reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return separate, True
+
+
+@torch.no_grad()
+def precompute_reference(rows: list[dict], reference, pad_token_id: int, batch_size: int, device) -> None:
+    """Add the reference's summed response log-probs to every pair (``ref_chosen_logp``, ``ref_rejected_logp``). Every
+    rank computes all rows in the same order (a ZeRO-3 reference needs every rank in each forward)."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate_dpo(chunk, pad_token_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logps = response_logps(reference(ids, mask), ids, batch["response_mask"].to(device))[0].double().cpu()
+        for i, row in enumerate(chunk):
+            row["ref_chosen_logp"], row["ref_rejected_logp"] = float(logps[i]), float(logps[len(chunk) + i])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,18 +81,31 @@ def main(argv: list[str] | None = None) -> dict:
         save_resolved_config(train_args.output_dir, model_args, data_args, backbone_args, dpo_args, train_args)
         data.save_report(train_args.output_dir)
 
-    model = apply_backbone(load_pretrained(AutoModelForCausalLM, model_args, backbone_args, train_args), backbone_args, train_args)
+    model, sft_adapters = load_trainable_policy(model_args, backbone_args, train_args, DPO_ADAPTER)
     trainable, total = parameter_counts(model)
     engine = TrainingEngine(model, train_args, steps, dist, ds_config)
-    reference = build_reference(dpo_args, model_args, backbone_args, train_args, engine, ds_config, dist)
+    base_path = adapter_base_path(model_args.model_name_or_path) or model_args.model_name_or_path
+    engine.save_weights = lambda module, directory, state_dict: save_policy(module, directory, tokenizer, sft_adapters, base_path,
+                                                                            DPO_ADAPTER, state_dict)
+    reference, separate = build_reference(dpo_args, model_args, backbone_args, train_args, engine, sft_adapters, ds_config, dist)
 
     tracker = RunTracker(train_args.output_dir, train_args.report_to if dist.is_main else [], steps, enabled=dist.is_main, title="dpo",
                          settings=train_args)
+    stack = f" over {', '.join(sft_adapters)}" if sft_adapters else ""
     tracker.message(
-        f"dpo: {dpo_args.loss_type}, beta {dpo_args.beta}, {backbone_args.finetuning_type}, trainable {trainable:,} of {total:,} "
+        f"dpo: {dpo_args.loss_type}, beta {dpo_args.beta}, {backbone_args.finetuning_type}{stack}, trainable {trainable:,} of {total:,} "
         f"parameters, {len(data.train)} train pairs, {len(data.eval)} eval pairs, {steps} steps, {dist.world_size} process(es), "
-        f"{'ZeRO-' + str(engine.zero_stage) if ds_config else 'no DeepSpeed'}"
+        f"{'ZeRO-' + str(engine.zero_stage) if ds_config else 'no DeepSpeed'}, reference: "
+        f"{'a separate frozen model' if separate else 'the policy with its dpo adapter off'}"
+        f"{', log-probs precomputed' if dpo_args.precompute_ref_log_probs else ''}"
     )
+    if dpo_args.precompute_ref_log_probs:
+        engine.train(False)
+        for rows in (data.train, data.eval):
+            precompute_reference(rows, reference, tokenizer.pad_token_id, train_args.per_device_eval_batch_size, dist.device)
+        if separate:  # training never calls it again
+            reference = None
+            gc.collect()
     collate = partial(collate_dpo, pad_token_id=tokenizer.pad_token_id)
     final = fit(engine, data.train, data.eval, collate, DPOObjective(dpo_args, reference), train_args, tracker, steps)
     tracker.close()

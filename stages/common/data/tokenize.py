@@ -171,11 +171,11 @@ def tokenize_prompt_example(example: PromptExample, tokenizer, budget: Budget) -
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     if len(ids) <= budget.max_length:
-        return {"prompt_ids": ids, "prompt": example.prompt}, False
+        return {"prompt_ids": ids, "prompt": example.prompt, "reference": example.reference}, False
     over_budget(budget, example.prompt_field, len(ids), "the prompt")
     [head] = split_tokens(encoded["offset_mapping"], head_chars(tokenizer, example.prompt, text))
     head_ids, prompt_ids, _ = fit(ids[:head], ids[head:], [], budget)
-    return {"prompt_ids": head_ids + prompt_ids, "prompt": example.prompt}, True
+    return {"prompt_ids": head_ids + prompt_ids, "prompt": example.prompt, "reference": example.reference}, True
 
 
 TOKENIZERS = {"sft": tokenize_sft_example, "preference": tokenize_preference_example, "prompt": tokenize_prompt_example}
