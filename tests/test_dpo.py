@@ -38,6 +38,7 @@ def test_each_backbone_raises_the_reward_accuracy_from_log_2(tmp_path, tiny_mode
     assert last["rewards/accuracies"] == 1.0 and last["rewards/margins"] > 0.3 and last["loss"] < first["loss"] - 0.1, last
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert key in last
+    assert (out / "training_curves.png").stat().st_size > 10_000
     # the output loads as SFT's does
     from stages.common.loading import load_policy
 

@@ -23,6 +23,7 @@ from stages.common.dryrun import model_skeleton, report
 from stages.common.engine import TrainingEngine, frozen_model, resolve_deepspeed_config, zero_stage
 from stages.common.loading import adapter_base_path, load_policy
 from stages.common.loop import check_eval_plan, fit, save_model, total_steps, write_weight_digest
+from stages.common.plots import plot_curves
 from stages.common.policy import load_trainable_policy, reference_adapters, save_policy
 from stages.common.stage import start_stage
 from stages.common.tracking import RunTracker
@@ -31,6 +32,8 @@ from .config import ARGUMENTS
 from .objective import DPOObjective, response_logps
 
 DPO_ADAPTER = "dpo"
+CURVES = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+          "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"]
 
 
 def build_reference(dpo_args, model_args, backbone_args, train_args, engine: TrainingEngine, sft_adapters: list[str], ds_config, dist):
@@ -112,5 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     if train_args.save_weight_digest:
         write_weight_digest(engine, train_args.output_dir)
     save_model(engine, tokenizer, train_args.output_dir, {**final, "trainable_parameters": trainable, "total_parameters": total})
+    if dist.is_main:
+        plot_curves(f"{train_args.output_dir}/metrics.jsonl", CURVES, f"{train_args.output_dir}/training_curves.png",
+                    title=train_args.output_dir)
     tracker.message(f"dpo: saved to {train_args.output_dir} (rewards/accuracies {final.get('rewards/accuracies', float('nan')):.3f})")
     return final
