@@ -162,3 +162,16 @@ def test_zero3_on_two_processes_matches_one_process(tmp_path, tiny_model, separa
     from stages.common.loading import load_policy
 
     load_policy(str(sharded))  # the consolidated output loads in one process
+
+
+def test_tie_pairs_train_towards_no_preference(tmp_path, tiny_model):
+    ties = tmp_path / "ties.jsonl"
+    ties.write_text("".join(json.dumps({"prompt": f"Can you help with {t}?", "chosen": f"Of course, happy to help with {t}!",
+                                        "rejected": "No.", "tie": True, "margin": 1.0}) + "\n" for t in TOPICS))
+    out = tmp_path / "dpo"
+    result = run_in_process("dpo", f"model_name_or_path={tiny_model}", f"dataset={ties}", f"output_dir={out}", config=DPO_TINY)
+    assert_ok(result)
+    assert "8 tie pair(s) train with the label 1/2" in result.stdout + result.stderr and "8 pair(s) carry a margin" in result.stdout + result.stderr
+    metrics = read_metrics(out)
+    # the same data as preferences reaches margins > 0.3 (test above); as ties the loss stays at its minimum, log 2
+    assert all(abs(m["rewards/margins"]) < 0.05 for m in metrics) and metrics[-1]["loss"] == pytest.approx(math.log(2), abs=1e-3)

@@ -22,18 +22,21 @@ def log_probs(seed: int):
     return logps, lengths
 
 
-def naive(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, eps, len_c, len_r):
+def naive(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, eps, len_c, len_r, ties=None):
+    """Per pair, with the label p = 1 (chosen preferred) or ½ (a tie): the loss as the papers write it for a label p."""
     out = []
     for i in range(PAIRS):
+        p = 0.5 if ties and ties[i] else 1.0
         rc, rr = chosen[i] - ref_chosen[i], rejected[i] - ref_rejected[i]
         d = beta * (rc - rr)
         if loss_type == "sigmoid":
             sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-            out.append(-(1 - eps) * math.log(sig(d)) - eps * math.log(sig(-d)))
+            q = 0.5 if p == 0.5 else 1 - eps
+            out.append(-q * math.log(sig(d)) - (1 - q) * math.log(sig(-d)))
         elif loss_type == "hinge":
-            out.append(max(0.0, 1 - d))
+            out.append(p * max(0.0, 1 - d) + (1 - p) * max(0.0, 1 + d))
         else:
-            out.append((rc / len_c[i] - rr / len_r[i] - 1 / (2 * beta)) ** 2)
+            out.append((rc / len_c[i] - rr / len_r[i] - (2 * p - 1) / (2 * beta)) ** 2)
     return out
 
 
@@ -44,6 +47,20 @@ def test_each_loss_equals_a_naive_loop(loss_type, eps, beta):
     got = dpo_loss(c, r, rc, rr, beta, loss_type, eps, lc, lr)
     want = naive(c.tolist(), r.tolist(), rc.tolist(), rr.tolist(), beta, loss_type, eps, lc.tolist(), lr.tolist())
     assert got.tolist() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+def test_a_tie_has_the_label_one_half_and_its_loss_is_smallest_at_zero_margin(loss_type, eps):
+    (c, r, rc, rr), (lc, lr) = log_probs(2)
+    ties = torch.tensor([True, False, True, False, False, True])
+    got = dpo_loss(c, r, rc, rr, 0.3, loss_type, eps, lc, lr, ties)
+    want = naive(c.tolist(), r.tolist(), rc.tolist(), rr.tolist(), 0.3, loss_type, eps, lc.tolist(), lr.tolist(), ties.tolist())
+    assert got.tolist() == pytest.approx(want, rel=1e-9)
+    # a tie's loss is symmetric in the two responses, so its minimum over the margin is at zero
+    margins = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    zeros, ones = torch.zeros(61, dtype=torch.float64), torch.ones(61, dtype=torch.float64)
+    curve = dpo_loss(margins, zeros, zeros, zeros, 1.0, loss_type, eps, ones, ones, torch.ones(61, dtype=torch.bool))
+    assert curve.argmin().item() == 30 or (loss_type == "hinge" and curve[30] == curve.min())
 
 
 def test_at_initialization_the_sigmoid_loss_is_log_2_and_every_margin_0():

@@ -6,8 +6,10 @@ With Δ = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_re
 - ``ipo`` (Azar et al. 2023): (Δ̄ − 1/(2β))², Δ̄ the log-ratios averaged per response token, as TRL and the IPO
   authors compute it (a summed Δ would make the squared loss grow with length);
 - ``hinge`` (SLiC, Zhao et al. 2023): max(0, 1 − βΔ).
-The implicit rewards are β times each response's log-ratio; an SFT term on the chosen response (``rpo_alpha``, RPO)
-is the mean negative log-likelihood of its tokens.
+A pair marked as a tie (collect's exports, a ``tie: true`` record) has the label p = ½ instead of 1, as in the reward
+model: sigmoid −½ log σ(βΔ) − ½ log σ(−βΔ), hinge ½ max(0, 1 − βΔ) + ½ max(0, 1 + βΔ), ipo Δ̄² — each smallest at
+Δ = 0 (neither response preferred). The implicit rewards are β times each response's log-ratio; an SFT term on the
+chosen response (``rpo_alpha``, RPO) is the mean negative log-likelihood of its tokens.
 """
 from __future__ import annotations
 
@@ -19,20 +21,24 @@ LOSSES = ("sigmoid", "ipo", "hinge")
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None) -> torch.Tensor:
+             chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+             ties: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pair loss (shape [pairs]). ``*_logps``: summed log-probs of each response; ``*_lengths``: its token
-    counts, which ``ipo`` needs."""
+    counts, which ``ipo`` needs; ``ties``: True where the pair is a tie (label ½)."""
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    tie = torch.zeros_like(chosen_ratio, dtype=torch.bool) if ties is None else ties.to(chosen_ratio.device).bool()
     if loss_type == "sigmoid":
         delta = beta * (chosen_ratio - rejected_ratio)
-        return -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
+        eps = torch.where(tie, torch.full_like(delta, 0.5), torch.full_like(delta, label_smoothing))
+        return -(1 - eps) * F.logsigmoid(delta) - eps * F.logsigmoid(-delta)
     if loss_type == "hinge":
-        return torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+        delta = beta * (chosen_ratio - rejected_ratio)
+        return torch.where(tie, 0.5 * torch.relu(1 - delta) + 0.5 * torch.relu(1 + delta), torch.relu(1 - delta))
     if loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("ipo averages the log-ratios per token: give chosen_lengths and rejected_lengths")
         delta = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
-        return (delta - 1 / (2 * beta)) ** 2
+        return (delta - torch.where(tie, torch.zeros_like(delta), torch.full_like(delta, 1 / (2 * beta)))) ** 2
     raise ValueError(f"unknown DPO loss {loss_type!r}; one of {', '.join(LOSSES)}")
 
 

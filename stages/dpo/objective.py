@@ -45,7 +45,7 @@ class DPOObjective:
         pairs = input_ids.shape[0] // 2
         lengths = mask[:, 1:].sum(dim=1).float()
         losses = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], self.args.beta, self.args.loss_type,
-                          self.args.label_smoothing, lengths[:pairs], lengths[pairs:])
+                          self.args.label_smoothing, lengths[:pairs], lengths[pairs:], batch.get("tie"))
         loss = losses.sum()
         if self.args.rpo_alpha:  # per pair: the mean NLL of its chosen tokens
             loss = loss + self.args.rpo_alpha * sum(chosen_nll(per_token[i], mask[i, 1:].float()) for i in range(pairs))

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'a separate frozen model' if separate else 'the policy with its dpo adapter off'}"
         f"{', log-probs precomputed' if dpo_args.precompute_ref_log_probs else ''}"
     )
+    ties, with_margin = (sum(1 for r in data.train if r.get(k)) for k in ("tie", "margin"))
+    if ties or with_margin:  # what the pairs' extra fields do here
+        tracker.message(f"dpo: {ties} tie pair(s) train with the label 1/2 (neither response preferred); "
+                        f"{with_margin} pair(s) carry a margin, which DPO's losses have no place for (the reward model uses it)")
     if dpo_args.precompute_ref_log_probs:
         engine.train(False)
         for rows in (data.train, data.eval):
