@@ -49,6 +49,14 @@ def rows() -> list[str]:
     if (rm := load("rm_throughput")):
         pps = rm["pairs_per_second"]
         out.append(f"| RM pairs/s vs TRL RewardTrainer | {pps['tristage']['median']:.1f} | {pps['trl']['median']:.1f} | {r(rm['tristage_over_trl'])} | |")
+    if (dpo := load("dpo_throughput")):
+        pps = dpo["pairs_per_second"]
+        out.append(f"| DPO pairs/s vs TRL DPOTrainer, reference forward per step | {pps['tristage']['median']:.2f} | {pps['trl']['median']:.2f} | "
+                   f"{r(dpo['tristage_over_trl'])} | ≥ 1.0×: {verdict(dpo['tristage_over_trl']['median'], 1.0, True)} |")
+        out.append(f"| DPO pairs/s vs TRL DPOTrainer, reference log-probs precomputed | {pps['tristage_precomputed']['median']:.2f} | "
+                   f"{pps['trl_precomputed']['median']:.2f} | {r(dpo['tristage_over_trl_precomputed'])} | "
+                   f"≥ 1.0×: {verdict(dpo['tristage_over_trl_precomputed']['median'], 1.0, True)} |")
+        out.append(f"| DPO: precomputed reference vs a reference forward per step (tristage) | | | {r(dpo['precomputed_over_not_tristage'])} | |")
     if (z3 := load("zero3_memory")):
         out.append(f"| ZeRO-3 params + optimizer states per rank, 2 processes vs 1, MiB | {z3['two_processes_largest_rank_mib']['median']:.0f} | "
                    f"{z3['one_process_mib']['median']:.0f} | {r(z3['two_over_one'], 3)} | ≤ 0.55×: {verdict(z3['two_over_one']['median'], 0.55, False)} |")
@@ -76,7 +84,7 @@ def rows() -> list[str]:
                    f"{r(free['grpo_over_gae_episodes'])} | |")
         out.append(f"| grpo vs gae, peak RSS (GiB) | {rss['grpo']['median']:.2f} | {rss['gae']['median']:.2f} | {r(free['grpo_over_gae_peak_rss'])} | |")
     if (demo := load("demo_all")):
-        stages = ", ".join(f"{name} {demo[name]['median']:.0f} s" for name in ("sft", "rm", "ppo", "grpo", "eval") if name in demo)
+        stages = ", ".join(f"{name} {demo[name]['median']:.0f} s" for name in ("sft", "rm", "ppo", "grpo", "dpo", "eval") if name in demo)
         out.append(f"| demo `all` wall time (n={demo['total']['n']}) | {stages}; total {demo['total']['median']:.0f} s | | | |")
         for run, rates in enumerate(demo.get("gold_win_rates", [])):
             for pair, row in rates.items():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start a tristage stage on this machine or a cluster.
 #
-#   launch/run_stage.sh sft|rm|ppo|eval|all|collect|score|export|demo|reward-server [--config FILE] [--dry-run] [key=value ...]
-#   launch/run_stage.sh sft|rm|ppo --estimate [--config FILE] [key=value ...]   per-GPU memory, from config.json only
+#   launch/run_stage.sh sft|rm|ppo|dpo|eval|all|collect|score|export|demo|reward-server [--config FILE] [--dry-run] [key=value ...]
+#   launch/run_stage.sh sft|rm|ppo|dpo --estimate [--config FILE] [key=value ...]   per-GPU memory, from config.json only
 #   launch/run_stage.sh sft|rm|ppo|eval --print-command [...]                   print the command it would run, and exit
 #
 # With no --config, a stage runs its configs/demo/ default (and the demo's base model and data are built
@@ -28,7 +28,7 @@ STAGE="${1:-}"
 [ -n "$STAGE" ] || { usage; exit 2; }
 shift
 case "$STAGE" in
-  sft|rm|ppo|eval) ;;
+  sft|rm|ppo|dpo|eval) ;;
   score) exec "$PYTHON" -m stages.cli score "$@" ;;
   export) exec "$PYTHON" -m stages.cli export "$@" ;;
   reward-server) exec "$PYTHON" -m stages.cli reward-server "$@" ;;
@@ -36,7 +36,7 @@ case "$STAGE" in
   collect) exec "$PYTHON" -m stages.cli collect "$@" ;;
   demo) exec "$PYTHON" -m stages.cli demo --out "${DEMO_DIR:-runs/demo}" "$@" ;;
   -h|--help|help) usage; exit 0 ;;
-  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, eval, all, collect, score, export, demo, reward-server)" >&2; exit 2 ;;
+  *) echo "run_stage.sh: unknown stage '$STAGE' (sft, rm, ppo, dpo, eval, all, collect, score, export, demo, reward-server)" >&2; exit 2 ;;
 esac
 
 CONFIG=""

@@ -12,6 +12,7 @@ COMMANDS = {
     "sft": ("stages.sft.train", "stage 1: supervised fine-tuning"),
     "rm": ("stages.rm.train", "stage 2: reward model on preference pairs"),
     "ppo": ("stages.ppo.train", "stage 3: PPO rollouts with KL control against the reference"),
+    "dpo": ("stages.dpo.train", "DPO on preference pairs: no reward model, no rollouts"),
     "all": ("stages.pipeline", "sft -> rm -> ppo -> eval, each reading the previous stage's output"),
     "eval": ("stages.eval.compare", "compare models (SFT-only vs RLHF) on held-out prompts"),
     "collect": ("rewards.collect.cli", "human preference collection: web app, SQLite store, agreement, export"),
@@ -63,7 +64,7 @@ def _gpu_defaults() -> tuple[int, float]:
 
 
 def estimate(argv: list[str]) -> int:
-    """``tristage estimate sft|rm|ppo [--gpus-per-node N] [--nodes N] [--gpu-memory GIB] [--json FILE] --config FILE [k=v ...]``
+    """``tristage estimate sft|rm|ppo|dpo [--gpus-per-node N] [--nodes N] [--gpu-memory GIB] [--json FILE] --config FILE [k=v ...]``
     (``launch/run_stage.sh STAGE --estimate`` passes NUM_GPUS, NNODES and GPU_MEMORY_GIB from the environment): per-GPU
     memory from the configs alone (stages/common/estimate.py). Exit code 0 when the run fits, 1 when it does not,
     2 for a bad config."""
@@ -81,7 +82,7 @@ def estimate(argv: list[str]) -> int:
 
     gpus_default, memory_default = _gpu_defaults()
     parser = argparse.ArgumentParser(prog="tristage estimate")
-    parser.add_argument("stage", choices=("sft", "rm", "ppo"))
+    parser.add_argument("stage", choices=("sft", "rm", "ppo", "dpo"))
     parser.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("NUM_GPUS") or 0) or gpus_default)
     parser.add_argument("--nodes", type=int, default=int(os.environ.get("NNODES") or 1))
     parser.add_argument("--gpu-memory", type=float, default=float(os.environ.get("GPU_MEMORY_GIB") or memory_default), help="GiB per GPU")

@@ -8,8 +8,10 @@ process) with ``DIR/<stage>.yaml``. A stage whose finished output already exists
 one stage; an unprefixed ``seed=1`` goes to every stage that has the key.
 
 ``grpo`` is stage 3 again with ``DIR/grpo.yaml`` (a critic-free estimator), beside ``ppo``: ``--stages
-sft,rm,grpo,eval`` trains it instead, ``--stages sft,rm,ppo,grpo,eval`` both. Eval compares the models its
-config lists, leaving out (with a line saying so) a stage-3 output that this run neither trains nor finds.
+sft,rm,grpo,eval`` trains it instead, ``--stages sft,rm,ppo,grpo,eval`` both. ``dpo`` (``DIR/dpo.yaml``) learns from
+the preference pairs directly, with no reward model: ``--stages sft,dpo,eval``. Eval compares the models its config
+lists, leaving out (with a line saying so) a policy output, or a reward-model judge, that this run neither trains
+nor finds.
 
 ``--run-dir R`` puts every stage's output under R (R/sft, R/rm, R/ppo, R/eval) and rewrites the later
 stages' references to the earlier outputs to match, so several runs (seeds, settings) of the same config
@@ -35,11 +37,12 @@ from stages.common.rollout.vllm_engine import import_vllm
 from stages.registry import STAGE_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ["sft", "rm", "ppo", "grpo", "eval"]
+PIPELINE = ["sft", "rm", "ppo", "grpo", "dpo", "eval"]
 DEFAULT_STAGES = ["sft", "rm", "ppo", "eval"]
 RUNS_AS = {"grpo": "ppo"}  # a pipeline stage -> the stage command that runs it
-POLICY_STAGES = ("ppo", "grpo")  # what eval compares against SFT
-FINISHED_MARKER = {"sft": "trainer_state.json", "rm": "trainer_state.json", "ppo": "trainer_state.json", "eval": "eval_report.json"}
+POLICY_STAGES = ("ppo", "grpo", "dpo")  # what eval compares against SFT
+FINISHED_MARKER = {"sft": "trainer_state.json", "rm": "trainer_state.json", "ppo": "trainer_state.json", "dpo": "trainer_state.json",
+                   "eval": "eval_report.json"}
 
 
 def runs_as(stage: str) -> str:
@@ -91,21 +94,27 @@ def finished(stage: str, out: Path) -> bool:
     return (out / FINISHED_MARKER[runs_as(stage)]).is_file()
 
 
-def untrained_models(eval_file: Path, eval_overrides: list[str], policy_outputs: dict[str, Path]) -> list[str]:
-    """Overrides that drop from eval's models the stage-3 outputs that will not exist (``policy_outputs``: each such
-    stage's output directory), with a line naming each; none when every model will be there."""
+def untrained_models(eval_file: Path, eval_overrides: list[str], missing_outputs: dict[str, Path]) -> list[str]:
+    """Overrides that drop from eval's models and judges the stage outputs that will not exist (``missing_outputs``: each
+    such stage's output directory), with a line naming each; none when everything will be there."""
     eval_args = next(c for c in parse_config(["--config", str(eval_file), *eval_overrides], STAGE_CONFIGS["eval"])
                      if hasattr(c, "models"))
     models = eval_args.models or []
     names = eval_args.model_names or [None] * len(models)
-    missing = {out.resolve(): stage for stage, out in policy_outputs.items()}
-    keep = [(m, n) for m, n in zip(models, names) if Path(m).resolve() not in missing]
+    missing = {out.resolve(): stage for stage, out in missing_outputs.items()}
+
+    def gone(item: str, what: str) -> bool:
+        if (stage := missing.get(Path(item).resolve())) is None:
+            return False
+        print(f"[tristage] all: eval leaves out the {what} {item}: {stage} has no finished run there and is not in --stages", flush=True)
+        return True
+
+    keep = [(m, n) for m, n in zip(models, names) if not gone(m, "model")]
+    judges = [j for j in eval_args.judges if not gone(j, "judge")]
+    overrides = [] if len(judges) == len(eval_args.judges) else [f"judges=[{','.join(judges)}]"]
     if len(keep) == len(models):
-        return []
-    for model in models:
-        if (stage := missing.get(Path(model).resolve())) is not None:
-            print(f"[tristage] all: eval leaves out {model}: {stage} has no finished run there and is not in --stages", flush=True)
-    overrides = [f"models=[{','.join(m for m, _ in keep)}]"]
+        return overrides
+    overrides.append(f"models=[{','.join(m for m, _ in keep)}]")
     return overrides + ([f"model_names=[{','.join(n for _, n in keep)}]"] if eval_args.model_names else [])
 
 
@@ -120,7 +129,7 @@ def preflight(stage: str, config_file: Path, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_stage.sh all", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-dir", default=str(ROOT / "configs" / "demo"), help="holds sft.yaml, rm.yaml, ppo.yaml, eval.yaml "
-                                                                                     "(and grpo.yaml for the grpo stage)")
+                                                                                     "(and grpo.yaml, dpo.yaml for those stages)")
     parser.add_argument("--run-dir", default=None, help="put every stage's output under this directory")
     parser.add_argument("--force", action="store_true", help="redo stages whose output already exists")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"a subset of {','.join(PIPELINE)}, run in that order")
@@ -146,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             config_files[s] = run_dir / "configs" / f"{s}.yaml"
             config_files[s].write_text(yaml.safe_dump(relocate(raw[s], moves), sort_keys=False, allow_unicode=True))
 
-    if "eval" in stages:  # a stage-3 output eval lists but nothing will have trained
+    if "eval" in stages:  # a policy (or reward-model judge) eval lists but nothing will have trained
         outputs = {s: Path(args.run_dir) / s if args.run_dir else output_dir(s, config_dir / f"{s}.yaml", [])
-                   for s in POLICY_STAGES if s not in stages and (config_dir / f"{s}.yaml").is_file()}
+                   for s in ("rm", *POLICY_STAGES) if s not in stages and (config_dir / f"{s}.yaml").is_file()}
         routed["eval"] += untrained_models(config_files["eval"], routed["eval"],
                                            {s: out for s, out in outputs.items() if not finished(s, out)})
     for stage in stages:
@@ -214,7 +223,10 @@ def verdict(outputs: dict[str, Path]) -> list[str]:
         lines.append(f"reward model: {100 * state['eval_accuracy']:.1f}% agreement with the held-out preference labels")
     for stage in POLICY_STAGES:
         metrics = outputs.get(stage, Path("/nonexistent")) / "metrics.jsonl"
-        if metrics.is_file():
+        if stage == "dpo" and metrics.is_file():
+            last = [json.loads(line) for line in metrics.read_text().splitlines() if '"rewards/accuracies"' in line][-1]
+            lines.append(f"dpo: final rewards/accuracies {last['rewards/accuracies']:.3f}, rewards/margins {last['rewards/margins']:.3f}")
+        elif metrics.is_file():
             last = [json.loads(line) for line in metrics.read_text().splitlines() if '"kl"' in line][-1]
             config = yaml.safe_load((metrics.parent / "tristage_config.yaml").read_text())
             target = f"target {config['kl_target']}" if config.get("adaptive_kl") else f"fixed beta {config['init_kl_coef']}"

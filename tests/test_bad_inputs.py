@@ -51,7 +51,9 @@ CASES = [  # stage, file, what the one-line message must name
     ("sft", "config_bad_base.yaml", ["key 'base'", "does_not_exist.yaml"]),
     ("rm", "config_missing_deepspeed_file.yaml", ["key 'deepspeed'", "zero4.json"]),
 ]
-STAGE_ARGS = {"sft": ["max_length=256"], "rm": ["max_length=256"], "ppo": ["--config", str(ROOT / "tests" / "fixtures" / "ppo_tiny.yaml")]}
+CASES += [("dpo", name, expected) for stage, name, expected in CASES if stage == "rm" and name.startswith("pref_")]  # DPO reads pairs too
+STAGE_ARGS = {"sft": ["max_length=256"], "rm": ["max_length=256"], "ppo": ["--config", str(ROOT / "tests" / "fixtures" / "ppo_tiny.yaml")],
+              "dpo": ["--config", str(ROOT / "tests" / "fixtures" / "dpo_tiny.yaml"), "max_length=256"]}
 FILE_ARGS = {"sft_prompt_too_long.jsonl": ["overlong=error"], "pref_prompt_too_long.jsonl": ["overlong=error"]}  # else truncated
 GOOD_DATA = {"sft": ROOT / "tests" / "fixtures" / "alpaca_en_demo_sample.json", "rm": ROOT / "tests" / "fixtures" / "dpo_en_demo_sample.json"}
 
@@ -62,7 +64,7 @@ def test_the_corpus_has_at_least_30_bad_files_and_every_one_is_checked():
     assert files <= {name for _stage, name, _ in CASES}, files - {name for _stage, name, _ in CASES}
 
 
-@pytest.mark.parametrize("stage, name, expected", CASES, ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("stage, name, expected", CASES, ids=[c[1] if c[0] != "dpo" else f"dpo-{c[1]}" for c in CASES])
 def test_bad_input_is_one_clear_line_before_training(tmp_path, tiny_model, capsys, stage, name, expected):
     out = tmp_path / "out"
     if name.endswith(".yaml"):  # a bad config with good data

@@ -98,6 +98,8 @@ def tiny_config_dir(tmp_path, tiny_model):
                 "reward_model": ["runs/x/rm"], "critic_init": "reward", "max_steps": 2, "output_dir": "runs/x/ppo"},
         "grpo": {**yaml.safe_load((FIXTURES / "grpo_tiny.yaml").read_text()), "model_name_or_path": "runs/x/sft",
                  "reward_model": ["runs/x/rm"], "max_steps": 2, "output_dir": "runs/x/grpo"},
+        "dpo": {**yaml.safe_load((FIXTURES / "dpo_tiny.yaml").read_text()), "model_name_or_path": "runs/x/sft", "dataset": [str(pairs)],
+                "max_steps": 4, "output_dir": "runs/x/dpo"},
         "eval": {"models": ["runs/x/sft", "runs/x/ppo", "runs/x/grpo"], "model_names": ["sft", "rlhf", "grpo"],
                  "judges": ["rule:keyword:e", "runs/x/rm"],
                  "dataset": [str(FIXTURES / "alpaca_en_demo_sample.json")], "samples_per_prompt": 2, "max_new_tokens": 8,
@@ -146,7 +148,7 @@ def test_all_trains_grpo_beside_ppo_and_eval_compares_what_exists(tmp_path, tiny
     run_dir = tmp_path / "run"
     first = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "--stages", "sft,rm,grpo,eval")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert f"eval leaves out {run_dir / 'ppo'}: ppo has no finished run there" in first.stdout and not (run_dir / "ppo").exists()
+    assert f"eval leaves out the model {run_dir / 'ppo'}: ppo has no finished run there" in first.stdout and not (run_dir / "ppo").exists()
     grpo_config = yaml.safe_load((run_dir / "grpo" / "tristage_config.yaml").read_text())
     assert grpo_config["advantage_estimator"] == "grpo" and grpo_config["reward_model"] == [str(run_dir / "rm")]
     assert not (run_dir / "grpo" / "critic").exists() and "grpo (grpo): final KL" in first.stdout
@@ -160,9 +162,23 @@ def test_all_trains_grpo_beside_ppo_and_eval_compares_what_exists(tmp_path, tiny
     assert {(r["a"], r["b"]) for r in report["win_rates"]} == {("rlhf", "sft"), ("grpo", "sft"), ("grpo", "rlhf")}
 
 
+@pytest.mark.slow
+def test_all_runs_sft_dpo_eval_without_a_reward_model(tmp_path, tiny_config_dir):
+    run_dir = tmp_path / "run"
+    result = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(run_dir), "--stages", "sft,dpo,eval",
+                     f"eval.models=[{run_dir / 'sft'},{run_dir / 'dpo'}]", "eval.model_names=[sft,dpo]")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (run_dir / "rm").exists() and f"eval leaves out the judge {run_dir / 'rm'}: rm has no finished run" in result.stdout
+    dpo_config = yaml.safe_load((run_dir / "dpo" / "tristage_config.yaml").read_text())
+    assert dpo_config["model_name_or_path"] == str(run_dir / "sft") and "dpo: final rewards/accuracies" in result.stdout
+    report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
+    assert list(report["models"]) == ["sft", "dpo"] and {r["judge"] for r in report["win_rates"]} == {"rule:keyword:e"}
+    assert {(r["a"], r["b"]) for r in report["win_rates"]} == {("dpo", "sft")}
+
+
 def test_all_refuses_a_stage_it_does_not_have(tmp_path, tiny_config_dir):
     result = run_all("--config-dir", str(tiny_config_dir), "--run-dir", str(tmp_path / "run"), "--stages", "sft,dpo2")
-    assert result.returncode == 2 and "key 'stages': 'dpo2' is not one of sft, rm, ppo, grpo, eval" in result.stderr
+    assert result.returncode == 2 and "key 'stages': 'dpo2' is not one of sft, rm, ppo, grpo, dpo, eval" in result.stderr
     assert not (tmp_path / "run" / "sft").exists()
 
 

@@ -1,5 +1,5 @@
 """SIGKILL at random points of every stage — after a checkpoint, in the middle of training and inside a save —
-then resume: the final metrics and weights equal an uninterrupted run's (CPU, fixed seed). Twelve kills in all."""
+then resume: the final metrics and weights equal an uninterrupted run's (CPU, fixed seed). Fourteen kills in all."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import torch
 
 from conftest import FIXTURES, ROOT, TINY_SFT, assert_ok, read_metrics, run_stage
 
-pytestmark = pytest.mark.slow  # twelve SIGKILLs and resumes: about 3 minutes
+pytestmark = pytest.mark.slow  # fourteen SIGKILLs and resumes: about 4 minutes
 
 STAGES = {  # stage: (config, overrides, the final step, what must match, the saved weights)
     "sft": (TINY_SFT, ["max_steps=12", "save_steps=2"], 12, ["loss", "grad_norm"], ["model.safetensors"]),
@@ -28,13 +28,18 @@ STAGES = {  # stage: (config, overrides, the final step, what must match, the sa
     "grpo": (FIXTURES / "grpo_tiny.yaml", ["max_steps=6", "save_steps=1", "dynamic_sampling=true", "max_new_tokens=4"], 6,
              ["score", "kl", "policy_loss", "kl_loss", "approx_kl", "entropy", "group_reward_std", "dynamic_sampling_dropped",
               "dynamic_sampling_rounds"], ["model.safetensors"]),
+    # DPO (full, the reference's log-probs precomputed again on resume) on the realistic pair file
+    "dpo": (FIXTURES / "dpo_tiny.yaml", ["max_steps=12", "save_steps=2", "max_length=512", f"dataset={FIXTURES / 'dpo_en_demo_sample.json'}",
+                                         "precompute_ref_log_probs=true", "per_device_train_batch_size=2", "gradient_accumulation_steps=1"],
+            12, ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"], ["model.safetensors"]),
 }
 COMMAND = {"grpo": "ppo"}  # the stage that runs an entry
 # where each kill lands: after checkpoint N (plus a random 0-0.3 s, so mid-training), or inside a save
 KILLS = {"sft": [("after", 2), ("after", 4), ("after", 6), ("after", 8)],  # a tiny SFT save is too quick to hit reliably
          "rm": [("after", 2), ("in_save", None), ("after", 8)],
          "ppo": [("after", 1), ("in_save", None), ("after", 4)],
-         "grpo": [("after", 2), ("after", 4)]}
+         "grpo": [("after", 2), ("after", 4)],
+         "dpo": [("after", 2), ("after", 6)]}
 
 
 def by_step(metrics: list[dict]) -> dict[int, dict]:

@@ -20,6 +20,7 @@ STAGE_BACKBONES = {
     "sft": FINETUNING_TYPES,
     "rm": ("full", "lora", "qlora", "freeze"),
     "ppo": ("full", "lora", "qlora"),
+    "dpo": ("full", "lora", "qlora", "freeze"),
 }
 
 

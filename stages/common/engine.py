@@ -13,7 +13,7 @@ import json
 import random
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -124,6 +124,9 @@ class TrainingEngine:
             )
         self.autocast_dtype = torch.bfloat16 if train_args.bf16 else (torch.float16 if train_args.fp16 else None)
         self.overflowed = False  # the last optimizer step was skipped by the fp16 loss scaler (not a NaN in the run)
+        # how the weights are written (module, directory, state_dict or None); None = the module's save_pretrained.
+        # A policy stacked on SFT adapters sets it, so checkpoints and the final model name their stack.
+        self.save_weights: Callable[[nn.Module, Path, dict | None], None] | None = None
 
     # ---------------------------------------------------------------- forward / backward / step
     @property

@@ -73,12 +73,16 @@ class Estimate:
 
 
 def estimate_training(stage: str, shape: ModelShape, backbone, train_args, seq_len: int, gpus: int, gpu_memory_gib: float,
-                      eager_attention: bool = False) -> Estimate:
-    """SFT (a causal LM) or RM (a 1-wide head, chosen and rejected in one batch)."""
+                      eager_attention: bool = False, dpo_args=None) -> Estimate:
+    """SFT (a causal LM), RM (a 1-wide head, chosen and rejected in one batch) or DPO (a causal LM, both sides of each
+    pair in one batch, and for full/freeze a frozen reference unless its log-probs are precomputed; lora/qlora's
+    reference is the policy with its adapter off: no second model)."""
     zero = ZeroSettings.from_train_args(train_args)
-    lm_head = stage == "sft"
-    micro = train_args.per_device_train_batch_size * (1 if lm_head else 2)
+    lm_head = stage != "rm"
+    micro = train_args.per_device_train_batch_size * (1 if stage == "sft" else 2)
     states = one_model(shape, backbone, gpus, zero, lm_head, weight_bytes(train_args))
+    if stage == "dpo" and backbone.finetuning_type not in ("lora", "qlora") and not getattr(dpo_args, "precompute_ref_log_probs", False):
+        states["reference"] = frozen_role_bytes(shape, backbone, gpus, zero, True, weight_bytes(train_args))
     _, trained_layers = trainable_parameters(shape, backbone, lm_head)
     acts = {ckpt: activation_bytes(shape, seq_len, micro, ckpt, lm_head, eager_attention, trained_layers) for ckpt in (True, False)}
     checkpointing = bool(train_args.gradient_checkpointing)
@@ -193,8 +197,8 @@ def estimate_stage(stage: str, configs: tuple, gpus: int, gpu_memory_gib: float)
     """The estimate of a parsed stage config (as ``parse_config`` returns it for the stage)."""
     from .errors import ConfigError
 
-    if stage not in ("sft", "rm", "ppo"):
-        raise ConfigError("--estimate applies to sft, rm and ppo", key="stage")
+    if stage not in ("sft", "rm", "ppo", "dpo"):
+        raise ConfigError("--estimate applies to sft, rm, ppo and dpo", key="stage")
     model_args, data_args, backbone = configs[0], configs[1], configs[2]
     train_args = configs[-1]
     config = load_model_config(model_args)
@@ -209,7 +213,8 @@ def estimate_stage(stage: str, configs: tuple, gpus: int, gpu_memory_gib: float)
 
         rollout = next((c for c in configs if isinstance(c, RolloutArguments)), None)
         return estimate_ppo(shape, None, backbone, configs[3], sampling, train_args, gpus, gpu_memory_gib, eager, rollout)
-    return estimate_training(stage, shape, backbone, train_args, data_args.max_length, gpus, gpu_memory_gib, eager)
+    return estimate_training(stage, shape, backbone, train_args, data_args.max_length, gpus, gpu_memory_gib, eager,
+                             configs[3] if stage == "dpo" else None)
 
 
 def print_estimate(est: Estimate) -> None:

@@ -314,7 +314,9 @@ def write_weights(engine: TrainingEngine, directory: Path) -> None:
     """save_pretrained of the full model or of the peft adapter (gathered from the ZeRO-3 shards; every rank calls it)."""
     state_dict = engine.consolidated_state_dict() if engine.zero_stage == 3 else None
     if engine.dist.is_main:
-        if state_dict is not None:
+        if engine.save_weights is not None:
+            engine.save_weights(engine.module, directory, state_dict)
+        elif state_dict is not None:
             engine.module.save_pretrained(directory, state_dict=state_dict)
         else:
             engine.module.save_pretrained(directory)

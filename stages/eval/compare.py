@@ -5,7 +5,8 @@ compared pairwise).
 
 Reads top to bottom: config -> prompts -> for each model: the same seeded sampling of every prompt,
 its KL to the reference model -> every judge scores every response -> means with bootstrap CIs, pairwise
-win rates (paired by prompt and sample index, ties count half), length and no-EOS rate -> a rich table,
+win rates (paired by prompt and sample index, ties count half), length and no-EOS rate, BLEU / ROUGE-L
+against the prompts' reference answers where they carry one (stages/eval/references.py) -> a rich table,
 eval_report.json, eval_report.png, responses.jsonl, and optionally the pairs for human annotators.
 
 All built-in judges score one response at a time, so the order in which two responses are shown cannot
@@ -33,6 +34,7 @@ from stages.common.generation import sample_responses, sequence_logprobs
 from stages.common.rollout import engine_for
 
 from .config import ARGUMENTS
+from .references import reference_scores, resolve_tokenizer
 from .stats import mean_with_ci, win_rate_with_ci
 
 REPORT_FILE, FIGURE_FILE, RESPONSES_FILE = "eval_report.json", "eval_report.png", "responses.jsonl"
@@ -126,10 +128,15 @@ def print_report(report: dict) -> None:
     table.add_column("model")
     for judge in judges:
         table.add_column(f"{judge} (95% CI)", justify="right")
+    metrics = [m for m in ("bleu", "rouge_l") if report["settings"].get("reference_prompts")]
+    for metric in metrics:
+        table.add_column(f"{'BLEU' if metric == 'bleu' else 'ROUGE-L'} (95% CI)", justify="right")
     for column in ("KL to ref", "length", "no EOS"):
         table.add_column(column, justify="right")
     for name, model in report["models"].items():
         cells = [f"{model['judges'][j]['mean']:.3f} [{model['judges'][j]['ci'][0]:.3f}, {model['judges'][j]['ci'][1]:.3f}]" for j in judges]
+        cells += [f"{model['references'][m]['mean']:.1f} [{model['references'][m]['ci'][0]:.1f}, {model['references'][m]['ci'][1]:.1f}]"
+                  for m in metrics]
         table.add_row(name, *cells, f"{model['kl_to_reference']['mean']:.2f}", f"{model['response_length']:.1f}",
                       f"{100 * model['no_eos_rate']:.0f}%")
     console.print(table)
@@ -185,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"settings": {**asdict(eval_args), **asdict(sampling), **asdict(rollout_args), "model_names": names, "num_prompts": len(prompts),
                            "datasets": data_args.dataset, "loaded_as": {"device": str(device), "dtype": str(dtype).split(".")[-1]}},
               "models": {}, "win_rates": [], "examples": []}
+    with_reference = [i for i, p in enumerate(prompts) if p.get("reference")]
+    if with_reference:  # BLEU / ROUGE-L on the prompts that carry a reference answer
+        references = [prompts[i]["reference"] for i in with_reference]
+        tokenize = resolve_tokenizer(eval_args.reference_tokenize, references)
+        report["settings"].update({"reference_prompts": len(with_reference), "reference_tokenize_used": tokenize})
     for name, path in zip(names, eval_args.models):
         kl = np.array(samples[name]["kl"]).reshape(shape)
         report["models"][name] = {
@@ -194,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
             "response_length": float(np.mean(samples[name]["lengths"])),
             "no_eos_rate": float(1.0 - np.mean(samples[name]["ended"])),
         }
+        if with_reference:
+            per_prompt = np.array(samples[name]["texts"], dtype=object).reshape(shape)[with_reference].reshape(-1).tolist()
+            report["models"][name]["references"] = reference_scores(per_prompt, references, eval_args.samples_per_prompt, tokenize,
+                                                                    rounds, seed)
     for earlier, later in itertools.combinations(names, 2):  # e.g. how often RLHF beats SFT-only
         for judge in eval_args.judges:
             rate, lo, hi = win_rate_with_ci(scores[later][judge], scores[earlier][judge], rounds, seed)

@@ -14,6 +14,8 @@ from stages.common.generation import SamplingArguments
 from stages.common.loading import adapter_base_path, check_device_and_dtype
 from stages.common.rollout import RolloutArguments, refuse_unsupported
 
+from .references import TOKENIZERS
+
 PROMPT_LEARNING = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
 
 
@@ -39,6 +41,9 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "auto (this machine's GPU if it has one, else the CPU), cpu, cuda or cuda:N."})
     dtype: str = field(default="auto", metadata={
         "help": "The models' and judges' weights: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16."})
+    reference_tokenize: str = field(default="auto", metadata={
+        "help": "BLEU / ROUGE-L against the prompts' reference answers (when they carry one): auto (zh, per character, when a "
+                "reference holds Chinese, else 13a), 13a or zh."})
     bootstrap_samples: int = field(default=2000, metadata={"help": "Bootstrap rounds for every confidence interval."})
     num_examples: int = field(default=3, metadata={"help": "Side-by-side examples in the report."})
     export_pairs: str | None = field(default=None, metadata={
@@ -52,6 +57,8 @@ class EvalArguments:
             if getattr(self, key) < 1:
                 raise ConfigError("must be >= 1", key=key)
         check_device_and_dtype(self.device, self.dtype)
+        if self.reference_tokenize not in TOKENIZERS:
+            raise ConfigError(f"must be one of {', '.join(TOKENIZERS)}, not {self.reference_tokenize!r}", key="reference_tokenize")
 
     def validate(self, rollout: RolloutArguments) -> None:
         """What must exist when eval starts (not when a pipeline parses the config, before the models are trained)."""

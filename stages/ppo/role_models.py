@@ -3,7 +3,6 @@ shared backbone (one base model carrying every role as adapters, ``SharedBackbon
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -11,10 +10,21 @@ import torch
 from torch import nn
 
 from rewards.model import SCORE_HEAD, RewardModel, score_head
-from stages.common.backbone import (apply_backbone, load_pretrained, peft_config, prepare_for_training, quantization_config,
-                                    upcast_trainable)
-from stages.common.loading import POLICY_STACK_FILE, adapter_base_path, attach_adapters, policy_adapters
+from stages.common.backbone import (
+    apply_backbone,
+    load_pretrained,
+    peft_config,
+    prepare_for_training,
+    quantization_config,
+)
+from stages.common.loading import adapter_base_path, attach_adapters, policy_adapters
 from stages.common.masks import last_token_index, position_ids_from_mask
+from stages.common.policy import (
+    load_trainable_policy,
+    mark_trainable,
+    upcast_unless_deepspeed,
+    with_path,
+)
 
 PPO_ADAPTER, CRITIC_ADAPTER, REWARD_ADAPTER = "ppo", "critic", "reward"
 
@@ -26,48 +36,9 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def mark_trainable(model: nn.Module, adapter_names: list[str]) -> None:
-    """peft's set_adapter makes every active adapter trainable; we decide: only these adapters."""
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        param.requires_grad_(any(a in parts for a in adapter_names))
-
-
-def upcast_unless_deepspeed(model: nn.Module, train_args) -> None:
-    if not train_args.deepspeed:  # DeepSpeed keeps its own float32 master weights
-        upcast_trainable(model)
-
-
-def _with_path(model_args, path: str):
-    return dataclasses.replace(model_args, model_name_or_path=path)
-
-
 def load_actor_model(model_args, backbone, train_args):
-    """The SFT model as the starting policy: full weights train, or a new PPO adapter trains on top of it
-    (stacked over the SFT adapter when SFT trained an adapter)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = model_args.model_name_or_path
-    # a single SFT adapter is "sft" here (peft saves only non-default names in sub-directories of a stack)
-    sft_adapters = [("sft" if name == "default" else name, directory) for name, directory in policy_adapters(path)]
-    model = load_pretrained(AutoModelForCausalLM, _with_path(model_args, adapter_base_path(path) or path), backbone, train_args)
-    if backbone.finetuning_type == "full":
-        if sft_adapters:
-            model = attach_adapters(model, sft_adapters).merge_and_unload()
-        return apply_backbone(model, backbone, train_args), []
-    model = prepare_for_training(model, backbone, train_args)
-    config = peft_config(backbone, "CAUSAL_LM")
-    if sft_adapters:
-        model = attach_adapters(model, sft_adapters)
-        model.add_adapter(PPO_ADAPTER, config)
-    else:
-        model = get_peft_model(model, config, adapter_name=PPO_ADAPTER)
-    names = [name for name, _ in sft_adapters]
-    model.base_model.set_adapter(names + [PPO_ADAPTER])
-    mark_trainable(model, [PPO_ADAPTER])
-    upcast_unless_deepspeed(model, train_args)
-    return model, names
+    """The SFT model as the starting policy, a new PPO adapter stacked over the SFT adapter(s) (stages/common/policy.py)."""
+    return load_trainable_policy(model_args, backbone, train_args, PPO_ADAPTER)
 
 
 def load_critic_model(ppo_args, model_args, backbone, train_args, pad_token_id: int) -> RewardModel:
@@ -78,7 +49,7 @@ def load_critic_model(ppo_args, model_args, backbone, train_args, pad_token_id: 
 
     path = ppo_args.first_reward_model() if ppo_args.critic_init == "reward" else model_args.model_name_or_path
     adapters = policy_adapters(path)
-    model = load_pretrained(AutoModelForSequenceClassification, _with_path(model_args, adapter_base_path(path) or path), backbone,
+    model = load_pretrained(AutoModelForSequenceClassification, with_path(model_args, adapter_base_path(path) or path), backbone,
                             train_args, num_labels=1)
     model.config.pad_token_id = pad_token_id
     if ppo_args.critic_init == "actor":
@@ -182,14 +153,3 @@ def split_reward_adapter(rm_dir: str) -> tuple[object, dict, dict]:
     return config, lora, head
 
 
-def save_policy(model: nn.Module, directory: Path, tokenizer, sft_adapters: list[str], base_path: str,
-                state_dict: dict | None = None) -> None:
-    """A full model, or the adapter stack (SFT adapter(s) + PPO adapter) with tristage_policy.json naming the base."""
-    directory = Path(directory)
-    if hasattr(model, "peft_config"):
-        names = sft_adapters + [PPO_ADAPTER]
-        model.save_pretrained(directory, selected_adapters=names, state_dict=state_dict)
-        (directory / POLICY_STACK_FILE).write_text(json.dumps({"base_model_name_or_path": base_path, "adapters": names}, indent=2))
-    else:
-        model.save_pretrained(directory, state_dict=state_dict)
-    tokenizer.save_pretrained(directory)

@@ -26,12 +26,24 @@ from torch import nn
 from rewards.model import load_reward_model
 from rewards.sources import Reward, build_reward, is_model_source
 from stages.common.backbone import compute_dtype, peft_config
-from stages.common.loading import adapter_base_path, load_policy, policy_adapters
 from stages.common.engine import TrainingEngine, frozen_model, zero_stage
+from stages.common.loading import adapter_base_path, load_policy, policy_adapters
+from stages.common.policy import save_policy
 from stages.common.rollout.weights import policy_weights
 
-from .role_models import (CRITIC_ADAPTER, PPO_ADAPTER, REWARD_ADAPTER, SharedBackbone, SharedRewardView, actor_quantization,
-                          critic_train_args, disable_dropout, load_actor_model, load_critic_model, save_policy, split_reward_adapter)
+from .role_models import (
+    CRITIC_ADAPTER,
+    PPO_ADAPTER,
+    REWARD_ADAPTER,
+    SharedBackbone,
+    SharedRewardView,
+    actor_quantization,
+    critic_train_args,
+    disable_dropout,
+    load_actor_model,
+    load_critic_model,
+    split_reward_adapter,
+)
 
 
 class Roles(Protocol):
@@ -151,7 +163,7 @@ class SeparateRoles:
         return [p for p in self.actor.module.parameters() if p.requires_grad]
 
     def save_actor(self, directory: Path, tokenizer, state_dict: dict | None = None) -> None:
-        save_policy(self.actor.module, directory, tokenizer, self.sft_adapters, self.base_path, state_dict)
+        save_policy(self.actor.module, directory, tokenizer, self.sft_adapters, self.base_path, PPO_ADAPTER, state_dict)
 
     def save_critic(self, directory: Path, tokenizer, state_dict: dict | None = None) -> None:
         self.critic.module.save_pretrained(directory, state_dict=state_dict)
@@ -254,7 +266,7 @@ class SharedRoles:
 
     def save_actor(self, directory: Path, tokenizer, state_dict: dict | None = None) -> None:
         self.shared.use("actor")
-        save_policy(self.shared.peft_model, directory, tokenizer, self.sft_adapters, self.base_path)
+        save_policy(self.shared.peft_model, directory, tokenizer, self.sft_adapters, self.base_path, PPO_ADAPTER)
 
     def save_critic(self, directory: Path, tokenizer, state_dict: dict | None = None) -> None:
         directory = Path(directory)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from .collate import collate_preferences, collate_sft, pad_rows, right_pad
+from .collate import collate_dpo, collate_preferences, collate_sft, pad_rows, right_pad
 from .formats import (FORMATS, PreferenceExample, PromptExample, RecordFormat, SFTExample, as_prompt, detect_format,
                       register_format, with_system)
 from .sources import LOCAL_EXTENSIONS, load_source_examples, mix_sources, parse_records, read_local_records, read_records, split_eval
@@ -26,7 +26,7 @@ from .tokenize import (DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, OVERLONG_MODES, Budg
 __all__ = [  # what the stages use; the submodules hold the rest
     "Budget", "OVERLONG_MODES", "TokenizeReport", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "IGNORE_INDEX", "LOCAL_EXTENSIONS", "PreferenceExample", "PromptExample", "RecordFormat",
     "SFTExample", "StageData", "as_prompt", "build_preference_data", "build_prompt_data", "build_sft_data", "build_stage_data",
-    "collate_preferences", "collate_sft", "detect_format", "load_source_examples", "mix_sources", "pack_rows", "pad_rows",
+    "collate_dpo", "collate_preferences", "collate_sft", "detect_format", "load_source_examples", "mix_sources", "pack_rows", "pad_rows",
     "parse_records", "read_local_records", "read_records", "register_format", "render_chat", "render_exchange", "right_pad",
     "split_eval", "tokenize_examples", "tokenize_for_reward", "tokenize_prompt_example", "tokenize_sft_example", "with_system",
 ]

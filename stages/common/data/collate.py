@@ -47,3 +47,17 @@ def collate_preferences(rows: list[dict], pad_token_id: int) -> dict[str, torch.
     input_ids, attention_mask = right_pad([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": torch.tensor([float(r["margin"]) for r in rows]),
             "tie": torch.tensor([bool(r.get("tie", False)) for r in rows])}
+
+
+def collate_dpo(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """collate_preferences' batch plus ``response_mask``: 1 on each side's response tokens (the tokens DPO's
+    log-probabilities sum over), and the reference's precomputed log-probs when the rows carry them."""
+    batch = collate_preferences(rows, pad_token_id)
+    starts = [r["chosen_start"] for r in rows] + [r["rejected_start"] for r in rows]
+    positions = torch.arange(batch["input_ids"].shape[1])[None, :]
+    batch["response_mask"] = (positions >= torch.tensor(starts)[:, None]).long() * batch["attention_mask"]
+    if all("ref_chosen_logp" in r for r in rows):
+        batch["ref_logps"] = torch.tensor([r["ref_chosen_logp"] for r in rows] + [r["ref_rejected_logp"] for r in rows],
+                                          dtype=torch.float64)
+    return batch
+

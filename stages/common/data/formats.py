@@ -43,6 +43,7 @@ class PromptExample:
     prompt: list[dict[str, str]]
     prompt_field: str = "prompt"
     origin: tuple[str, int] = ("?", 0)
+    reference: str | None = None  # a reference answer (eval's BLEU / ROUGE-L): a `reference` field or SFT data's last reply
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -208,13 +209,14 @@ def parse_text(record: dict) -> SFTExample:
 
 # ------------------------------------------------------------------------------------- prompt formats
 @register_format("prompt", "prompt", lambda r: "prompt" in r and not {"completion", "chosen", "rejected"} & set(r),
-                 "prompt (string or messages ending with a user turn), optional system: prompts only (PPO, eval)")
+                 "prompt (string or messages ending with a user turn), optional system, optional reference (a reference "
+                 "answer for eval's BLEU/ROUGE-L): prompts only (PPO, eval)")
 def parse_prompt(record: dict) -> PromptExample:
     if isinstance(record.get("prompt"), list):
         messages = parse_turns(record["prompt"], "prompt", "role", "content", CHAT_ROLES, final_role="user")
     else:
         messages = [{"role": "user", "content": require_str(record, "prompt")}]
-    return PromptExample(with_system(messages, optional_str(record, "system")))
+    return PromptExample(with_system(messages, optional_str(record, "system")), reference=optional_str(record, "reference"))
 
 
 def as_prompt(example: Any) -> PromptExample:
@@ -227,7 +229,7 @@ def as_prompt(example: Any) -> PromptExample:
     if example.messages is None:
         raise RecordError(example.prompt_field, "plain text has no prompt to generate a response to")
     last_reply = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-    return PromptExample(example.messages[:last_reply], example.prompt_field, example.origin)
+    return PromptExample(example.messages[:last_reply], example.prompt_field, example.origin, reference=example.messages[last_reply]["content"])
 
 
 # --------------------------------------------------------------------------------- preference formats

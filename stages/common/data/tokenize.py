@@ -144,6 +144,8 @@ def tokenize_preference_example(example: PreferenceExample, tokenizer, budget: B
     texts = [render_exchange(tokenizer, example.prompt, response) for response in (example.chosen, example.rejected)]
     encoded = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text in texts]
     chosen_ids, rejected_ids = (e["input_ids"] for e in encoded)
+    # where each response starts (DPO scores the response tokens only; the RM reads the whole sequence)
+    starts = [split_tokens(e["offset_mapping"], len(prompt_text))[0] for e in encoded]
     length = max(len(chosen_ids), len(rejected_ids))
     truncated = length > budget.max_length
     if truncated:
@@ -155,9 +157,11 @@ def tokenize_preference_example(example: PreferenceExample, tokenizer, budget: B
         (head_ids, prompt_ids, chosen), (_, _, rejected) = sides
         head_ids, prompt_ids, (chosen, rejected) = fit(head_ids, prompt_ids, [chosen, rejected], budget)
         chosen_ids, rejected_ids = head_ids + prompt_ids + chosen, head_ids + prompt_ids + rejected
+        starts = [len(head_ids) + len(prompt_ids)] * 2
     if chosen_ids == rejected_ids:
         raise RecordError(example.prompt_field, f"chosen and rejected are identical within max_length={budget.max_length} tokens")
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": example.margin, "tie": example.tie}, truncated
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "chosen_start": starts[0], "rejected_start": starts[1],
+            "margin": example.margin, "tie": example.tie}, truncated
 
 
 def tokenize_prompt_example(example: PromptExample, tokenizer, budget: Budget) -> tuple[dict, bool]:
@@ -167,11 +171,11 @@ def tokenize_prompt_example(example: PromptExample, tokenizer, budget: Budget) -
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     if len(ids) <= budget.max_length:
-        return {"prompt_ids": ids, "prompt": example.prompt}, False
+        return {"prompt_ids": ids, "prompt": example.prompt, "reference": example.reference}, False
     over_budget(budget, example.prompt_field, len(ids), "the prompt")
     [head] = split_tokens(encoded["offset_mapping"], head_chars(tokenizer, example.prompt, text))
     head_ids, prompt_ids, _ = fit(ids[:head], ids[head:], [], budget)
-    return {"prompt_ids": head_ids + prompt_ids, "prompt": example.prompt}, True
+    return {"prompt_ids": head_ids + prompt_ids, "prompt": example.prompt, "reference": example.reference}, True
 
 
 TOKENIZERS = {"sft": tokenize_sft_example, "preference": tokenize_preference_example, "prompt": tokenize_prompt_example}
