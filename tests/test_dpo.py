@@ -94,6 +94,12 @@ def test_a_lora_policy_stacks_on_the_sft_adapter_which_stays_on_in_the_reference
     dpo_logp = response_logp_sum(load_policy(str(out)), tokenizer, "Can you help with the lamp?", " Of course, happy to help with the lamp!")
     sft_pair_logp = response_logp_sum(load_policy(str(sft)), tokenizer, "Can you help with the lamp?", " Of course, happy to help with the lamp!")
     assert dpo_logp > sft_pair_logp  # the stack, as loaded, is the trained policy: the chosen answer became likelier
+    # export merges the whole stack (SFT + DPO adapters) into a model plain transformers loads, computing the same function
+    merged = tmp_path / "merged"
+    assert_ok(run_in_process("export", "--adapter", str(out), "--out", str(merged), config=None))
+    merged_logp = response_logp_sum(AutoModelForCausalLM.from_pretrained(merged), tokenizer, "Can you help with the lamp?",
+                                    " Of course, happy to help with the lamp!")
+    assert merged_logp == pytest.approx(dpo_logp, abs=1e-3)
 
 
 @pytest.mark.parametrize("mode", [["finetuning_type=full"], ["finetuning_type=lora", "learning_rate=1e-2"]], ids=["full", "lora"])
