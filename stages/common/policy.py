@@ -69,21 +69,26 @@ def load_trainable_policy(model_args, backbone, train_args, adapter: str) -> tup
     return model, names
 
 
+def activate_adapters(peft_model: nn.Module, names: list[str], trainable: list[str]) -> None:
+    """Compute with exactly these adapters stacked (none: the bare base), and let only ``trainable`` ones train."""
+    lora_model = peft_model.base_model
+    if names:
+        lora_model.enable_adapter_layers()
+        lora_model.set_adapter(names)
+    else:
+        lora_model.disable_adapter_layers()
+    mark_trainable(peft_model, trainable)
+
+
 @contextmanager
 def reference_adapters(peft_model: nn.Module, sft_adapters: list[str], adapter: str):
     """The policy as its reference for the duration: the SFT adapter(s) only (the trained adapter off), or the bare base
     when SFT trained full weights; then back to the stack, with only ``adapter`` trainable."""
-    lora_model = peft_model.base_model
     try:
-        if sft_adapters:
-            lora_model.set_adapter(sft_adapters)
-        else:
-            lora_model.disable_adapter_layers()
+        activate_adapters(peft_model, sft_adapters, trainable=[adapter])
         yield
     finally:
-        lora_model.enable_adapter_layers()
-        lora_model.set_adapter(sft_adapters + [adapter])
-        mark_trainable(peft_model, [adapter])
+        activate_adapters(peft_model, sft_adapters + [adapter], trainable=[adapter])
 
 
 def save_policy(model: nn.Module, directory: Path, tokenizer, sft_adapters: list[str], base_path: str, adapter: str,

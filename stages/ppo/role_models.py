@@ -10,21 +10,10 @@ import torch
 from torch import nn
 
 from rewards.model import SCORE_HEAD, RewardModel, score_head
-from stages.common.backbone import (
-    apply_backbone,
-    load_pretrained,
-    peft_config,
-    prepare_for_training,
-    quantization_config,
-)
+from stages.common.backbone import apply_backbone, load_pretrained, peft_config, prepare_for_training, quantization_config
 from stages.common.loading import adapter_base_path, attach_adapters, policy_adapters
 from stages.common.masks import last_token_index, position_ids_from_mask
-from stages.common.policy import (
-    load_trainable_policy,
-    mark_trainable,
-    upcast_unless_deepspeed,
-    with_path,
-)
+from stages.common.policy import activate_adapters, load_trainable_policy, mark_trainable, upcast_unless_deepspeed, with_path
 
 PPO_ADAPTER, CRITIC_ADAPTER, REWARD_ADAPTER = "ppo", "critic", "reward"
 
@@ -105,13 +94,7 @@ class SharedBackbone(nn.Module):
     def use(self, role: str) -> None:
         adapters = {"actor": self.sft_adapters + [PPO_ADAPTER], "ref": self.sft_adapters, "critic": [CRITIC_ADAPTER],
                     "reward": [REWARD_ADAPTER]}[role]
-        lora_model = self.peft_model.base_model
-        if adapters:
-            lora_model.enable_adapter_layers()
-            lora_model.set_adapter(adapters)
-        else:
-            lora_model.disable_adapter_layers()  # the reference of a full SFT model is the bare base
-        mark_trainable(self.peft_model, [PPO_ADAPTER, CRITIC_ADAPTER])
+        activate_adapters(self.peft_model, adapters, trainable=[PPO_ADAPTER, CRITIC_ADAPTER])
 
     def decoder(self) -> nn.Module:
         causal_lm = self.peft_model.get_base_model()
@@ -151,5 +134,3 @@ def split_reward_adapter(rm_dir: str) -> tuple[object, dict, dict]:
     head = {k.rsplit(".", 1)[-1]: v for k, v in weights.items() if ".score." in k}
     lora = {k: v for k, v in weights.items() if ".score." not in k}
     return config, lora, head
-
-

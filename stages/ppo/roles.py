@@ -31,19 +31,8 @@ from stages.common.loading import adapter_base_path, load_policy, policy_adapter
 from stages.common.policy import save_policy
 from stages.common.rollout.weights import policy_weights
 
-from .role_models import (
-    CRITIC_ADAPTER,
-    PPO_ADAPTER,
-    REWARD_ADAPTER,
-    SharedBackbone,
-    SharedRewardView,
-    actor_quantization,
-    critic_train_args,
-    disable_dropout,
-    load_actor_model,
-    load_critic_model,
-    split_reward_adapter,
-)
+from .role_models import (CRITIC_ADAPTER, PPO_ADAPTER, REWARD_ADAPTER, SharedBackbone, SharedRewardView, actor_quantization,
+                          critic_train_args, disable_dropout, load_actor_model, load_critic_model, split_reward_adapter)
 
 
 class Roles(Protocol):

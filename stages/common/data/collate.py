@@ -60,4 +60,3 @@ def collate_dpo(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         batch["ref_logps"] = torch.tensor([r["ref_chosen_logp"] for r in rows] + [r["ref_rejected_logp"] for r in rows],
                                           dtype=torch.float64)
     return batch
-
